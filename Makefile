@@ -1,0 +1,26 @@
+# The two set-up commands of README.md. Both build .venv/ first if needed (tools/setup_env.sh, idempotent).
+#   make quickstart   train TOOD on the generated dataset on CPU, evaluate it, draw predictions
+#   make test         lint + the whole test suite (what CI runs: .ci/run)
+# PYTHON=/path/to/python picks the interpreter (one with a working detectron2 build is used as it is).
+
+PYTHON ?= python3
+VENV_PY := .venv/bin/python
+
+.PHONY: env quickstart test lint format
+
+env:
+	@PYTHON=$(PYTHON) bash tools/setup_env.sh
+
+quickstart: env
+	$(VENV_PY) tools/quickstart.py
+
+lint: env
+	$(VENV_PY) -m ruff format --check .
+	$(VENV_PY) -m ruff check .
+
+format: env
+	$(VENV_PY) -m ruff format .
+	$(VENV_PY) -m ruff check --fix .
+
+test: lint
+	$(VENV_PY) -m pytest

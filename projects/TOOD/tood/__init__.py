@@ -1,0 +1,1 @@
+"""TOOD: Task-aligned One-stage Object Detection, for Detectron2."""
