@@ -1,0 +1,167 @@
+"""Building blocks of the T-Head: per-level scale, the aligned score, box alignment and DCNv2.
+
+Everything here runs on CPU and GPU with stock PyTorch / torchvision ops (no compiled extension).
+"""
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+from torchvision.ops import deform_conv2d
+
+__all__ = ["Scale", "sigmoid_geometric_mean", "align_boxes", "ModulatedDeformConv2d"]
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier; one per pyramid level on the shared regression output."""
+
+    def __init__(self, init_value: float = 1.0):
+        super().__init__()
+        # 0-dim, as mmcv's Scale, so checkpoints map without a reshape.
+        self.scale = nn.Parameter(torch.tensor(float(init_value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class _SigmoidGeometricMean(torch.autograd.Function):
+    """sqrt(sigmoid(a) * sigmoid(b)) with the analytic gradient.
+
+    d/da sqrt(sa * sb) = sqrt(sa * sb) * (1 - sa) / 2, which is 0 where the product underflows to 0, whereas
+    autograd through sqrt gives inf * 0 = nan there.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        sa, sb = a.sigmoid(), b.sigmoid()
+        out = (sa * sb).sqrt()
+        ctx.save_for_backward(sa, sb, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        sa, sb, out = ctx.saved_tensors
+        half = grad_out * out * 0.5
+        # An input broadcast in forward (the (N, 1, H, W) alignment map) gets its gradient summed back.
+        grad_a = (half * (1 - sa)).sum_to_size(sa.shape) if ctx.needs_input_grad[0] else None
+        grad_b = (half * (1 - sb)).sum_to_size(sb.shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+@torch.jit.unused
+def _sigmoid_geometric_mean_with_grad(a: Tensor, b: Tensor) -> Tensor:
+    return _SigmoidGeometricMean.apply(a, b)
+
+
+def sigmoid_geometric_mean(logits: Tensor, m: Tensor) -> Tensor:
+    """Aligned score ``P = sqrt(sigmoid(logits) * sigmoid(m))``.
+
+    Args:
+        logits: classification logits, e.g. (N, K, H, W).
+        m: alignment-map logits broadcastable to ``logits``, e.g. (N, 1, H, W).
+
+    Returns:
+        P with the broadcast shape of the inputs, e.g. (N, K, H, W).
+
+    Uses the analytic-gradient function only when a gradient will be taken; otherwise (inference, export) the
+    plain expression, so traced / scripted / exported graphs hold standard ops only.
+    """
+    if torch.jit.is_scripting() or not torch.is_grad_enabled() or not (logits.requires_grad or m.requires_grad):
+        return (logits.sigmoid() * m.sigmoid()).sqrt()
+    return _sigmoid_geometric_mean_with_grad(logits, m)
+
+
+def align_boxes(boxes: Tensor, offsets: Tensor) -> Tensor:
+    """Sample each box channel bilinearly at its own offset position (TOOD's spatial box alignment).
+
+    Args:
+        boxes: (N, 4, H, W), any values (TOOD: xyxy in stride units).
+        offsets: (N, 8, H, W); channels 2k and 2k+1 are (dy, dx) in pixels for box channel k.
+
+    Returns:
+        (N, 4, H, W): ``out[n, k, i, j] = bilinear(boxes[n, k], y=i + dy, x=j + dx)``, where pixels outside the map
+        read 0. Equals ``torchvision.ops.deform_conv2d(boxes, offsets, ones(4, 1, 1, 1))``, written with
+        ``grid_sample`` so that it runs under autocast and exports to ONNX.
+    """
+    n, c, h, w = boxes.shape
+    offsets = offsets.to(boxes.dtype).reshape(n, c, 2, h, w)  # the offset conv may run in half precision
+    ys = torch.arange(h, device=boxes.device, dtype=boxes.dtype).view(h, 1)
+    xs = torch.arange(w, device=boxes.device, dtype=boxes.dtype).view(1, w)
+    # Pixel p of a size-S axis has normalised coordinate (2p + 1) / S - 1 under align_corners=False; unlike
+    # align_corners=True (2p / (S - 1) - 1) this stays finite for S == 1.
+    gx = (2 * (xs + offsets[:, :, 1]) + 1) / w - 1
+    gy = (2 * (ys + offsets[:, :, 0]) + 1) / h - 1
+    grid = torch.stack([gx, gy], dim=-1).reshape(n * c, h, w, 2)
+    out = F.grid_sample(boxes.reshape(n * c, 1, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(n, c, h, w)
+
+
+class ModulatedDeformConv2d(nn.Module):
+    """Modulated deformable convolution (DCNv2) on ``torchvision.ops.deform_conv2d``.
+
+    Offsets and modulation mask come from ``conv_offset`` (zero-initialised, so it starts as a conv whose taps are
+    halved by mask = sigmoid(0)). Its parameters have mmcv's ``ModulatedDeformConv2dPack`` layout: ``weight``
+    (C_out, C_in, k, k), optional ``bias``, ``conv_offset`` with ``3 * G * k * k`` outputs whose first ``2 * G * k * k``
+    channels are the offsets (per deform group, (dy, dx) per kernel tap, the layout of both mmcv's and
+    torchvision's kernels) and whose last ``G * k * k`` are the mask logits. Like ``detectron2.layers.Conv2d`` it
+    applies optional ``norm`` then ``activation``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        dilation: int = 1,
+        deform_groups: int = 1,
+        bias: bool = False,
+        norm: Optional[nn.Module] = None,
+        activation: Optional[Callable[[Tensor], Tensor]] = None,
+    ):
+        super().__init__()
+        kh, kw = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.deform_groups = deform_groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            3 * deform_groups * kh * kw,
+            (kh, kw),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
+        self.norm = norm
+        self.activation = activation
+        # mmcv's default init, uniform(+-1/sqrt(fan_in)); TOODHead re-initialises it anyway.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H', W')."""
+        out = self.conv_offset(x)
+        num_taps = self.deform_groups * self.weight.shape[2] * self.weight.shape[3]
+        offset, mask = out.split([2 * num_taps, num_taps], dim=1)
+        # torchvision's kernel wants one dtype; under autocast conv_offset may return a lower precision than x.
+        x = deform_conv2d(
+            x,
+            offset.to(x.dtype),
+            self.weight.to(x.dtype),
+            None if self.bias is None else self.bias.to(x.dtype),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask.sigmoid().to(x.dtype),
+        )
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
