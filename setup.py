@@ -24,7 +24,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff"],
-        "export": ["onnx", "onnxruntime"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "onnx", "onnxruntime", "onnxscript"],
+        "export": ["onnx", "onnxruntime", "onnxscript"],
     },
 )
