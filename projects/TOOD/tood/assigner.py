@@ -9,7 +9,7 @@ A GT box with zero (or negative) width or height is kept but can never be positi
 inside it, and its IoU with anything is 0 (not NaN).
 """
 
-from typing import Iterator, List, NamedTuple, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -133,13 +133,20 @@ class ATSSAssigner:
 
     @torch.no_grad()
     def __call__(
-        self, prior_boxes: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Sequence[Tensor]
+        self,
+        prior_boxes: Tensor,
+        num_anchors_per_level: Sequence[int],
+        gt_boxes: Sequence[Tensor],
+        valid_mask: Optional[Tensor] = None,
     ) -> ATSSAssignment:
         """
         Args:
             prior_boxes: (A, 4) xyxy pixels, levels concatenated.
             num_anchors_per_level: number of priors of each level, summing to A.
             gt_boxes: B tensors (n_i, 4) xyxy pixels.
+            valid_mask: optional (B, A) bool; invalid priors are never candidates. (Where a level has fewer than
+                ``topk`` valid priors the remaining candidate slots hold invalid ones, which enter the IoU
+                statistics but never become positive; the reference drops them from the statistics too.)
         """
         num_imgs, num_anchors = len(gt_boxes), prior_boxes.shape[0]
         priors = prior_boxes.float()
@@ -155,6 +162,8 @@ class ATSSAssigner:
             dx = centres[:, 0] - box_centres[..., 0, None]  # (B, Gc, A)
             dy = centres[:, 1] - box_centres[..., 1, None]
             dist = dx.mul_(dx).add_(dy.mul_(dy)).sqrt_()
+            if valid_mask is not None:
+                dist.masked_fill_(~valid_mask[:, None], float("inf"))
             cand = torch.cat(
                 [
                     dist[..., s:e].topk(min(self.topk, e - s), dim=-1, largest=False).indices + s
@@ -168,6 +177,8 @@ class ATSSAssigner:
             iou_t = iou.permute(2, 0, 1).contiguous()
             threshold = iou_t.mean(0) + iou_t.std(0)
             pos = (iou >= threshold[..., None]) & _centre_inside(centres[cand], boxes[:, :, None])
+            if valid_mask is not None:
+                pos &= valid_mask.gather(1, cand.flatten(1)).view_as(pos)
             img, gt, k = (pos & valid[:, chunk, None]).nonzero(as_tuple=True)
             slots.append(img * num_anchors + cand[img, gt, k])
             gts_won.append(gt + chunk.start)

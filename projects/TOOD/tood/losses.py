@@ -7,7 +7,7 @@ the sum of t_hat. Normalisers are averaged over ranks (so that DDP's gradient av
 clamped to >= 1. Every loss is computed in float32, also under autocast.
 """
 
-from typing import Dict, NamedTuple, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -97,6 +97,7 @@ class TOODTargets(NamedTuple):
     bbox_targets: Tensor  #: (N, A, 4) assigned GT box, xyxy pixels; 0 for negatives
     alignment_metrics: Tensor  #: (N, A) classification quality target: 1 per positive in warm-up, t_hat in TAL
     bbox_weights: Tensor  #: (N, A) GIoU weight: ATSS centerness in warm-up, t_hat in TAL; 0 for negatives
+    label_weights: Tensor  #: (N, A) classification weight: 1, or 0 for anchors outside their image's padded extent
 
 
 class TOODLoss(nn.Module):
@@ -155,6 +156,7 @@ class TOODLoss(nn.Module):
         gt_boxes: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
         warmup: bool,
+        valid_mask: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """
         Args:
@@ -167,12 +169,23 @@ class TOODLoss(nn.Module):
             gt_boxes: N tensors (n_i, 4) xyxy pixels.
             gt_labels: N tensors (n_i,) class indices in [0, K).
             warmup: ATSS targets and focal loss if True, task alignment learning otherwise.
+            valid_mask: optional (N, A) bool, False for anchors that lie outside their image padded to the size
+                divisibility (they only see another image's batch padding): never assigned, no loss, as the
+                reference's valid flags.
 
         Returns:
             {"loss_cls", "loss_box_reg"}: float32 scalars.
         """
         targets = self.get_targets(
-            cls_scores, bbox_preds, prior_boxes, prior_points, num_anchors_per_level, gt_boxes, gt_labels, warmup
+            cls_scores,
+            bbox_preds,
+            prior_boxes,
+            prior_points,
+            num_anchors_per_level,
+            gt_boxes,
+            gt_labels,
+            warmup,
+            valid_mask,
         )
         cls_losses, box_losses = self.anchor_losses(cls_scores, bbox_preds, strides_per_anchor, targets, warmup)
         cls_norm, box_norm = self.normalizers(targets)
@@ -188,14 +201,18 @@ class TOODLoss(nn.Module):
         gt_boxes: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
         warmup: bool,
+        valid_mask: Optional[Tensor] = None,
     ) -> TOODTargets:
         """Assign every anchor (arguments as ``forward``; predictions are only read, detached)."""
         num_imgs, num_anchors, num_classes = cls_scores.shape
         if num_classes != self.num_classes:
             raise ValueError(f"expected scores of {self.num_classes} classes, got shape {tuple(cls_scores.shape)}")
         if warmup:
-            gt_index = self.atss_assigner(prior_boxes, num_anchors_per_level, gt_boxes).gt_index
+            gt_index = self.atss_assigner(prior_boxes, num_anchors_per_level, gt_boxes, valid_mask).gt_index
         else:
+            if valid_mask is not None:
+                # A zero score gives a zero alignment metric: such anchors can never be assigned.
+                cls_scores = cls_scores.detach() * valid_mask[..., None]
             assigned = self.tal_assigner(cls_scores, bbox_preds, prior_points, gt_boxes, gt_labels)
             gt_index = assigned.gt_index
         pos = (gt_index >= 0).nonzero(as_tuple=True)
@@ -213,7 +230,8 @@ class TOODLoss(nn.Module):
             bbox_weights[pos] = centerness(prior_points.float()[pos[1]], bbox_targets[pos])
         else:
             alignment_metrics = bbox_weights = assigned.alignment_target
-        return TOODTargets(labels, bbox_targets, alignment_metrics, bbox_weights)
+        label_weights = torch.ones(num_imgs, num_anchors, device=device) if valid_mask is None else valid_mask.float()
+        return TOODTargets(labels, bbox_targets, alignment_metrics, bbox_weights, label_weights)
 
     def anchor_losses(
         self, cls_scores: Tensor, bbox_preds: Tensor, strides_per_anchor: Tensor, targets: TOODTargets, warmup: bool
@@ -230,7 +248,7 @@ class TOODLoss(nn.Module):
             stride = strides_per_anchor.to(boxes)[pos[1], None]
             giou = giou_loss(boxes[pos] / stride, targets.bbox_targets[pos] / stride)
             box_losses = boxes.new_zeros(boxes.shape[:2]).index_put(pos, giou * targets.bbox_weights[pos])
-            return self.cls_weight * cls_losses.sum(-1), self.bbox_weight * box_losses
+            return self.cls_weight * cls_losses.sum(-1) * targets.label_weights, self.bbox_weight * box_losses
 
     def normalizers(self, targets: TOODTargets) -> Tuple[Tensor, Tensor]:
         """Divisors of the summed classification and GIoU losses: rank-averaged target sums, at least 1."""

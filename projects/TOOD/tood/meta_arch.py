@@ -1,6 +1,7 @@
 """The TOOD meta-architecture: backbone + FPN + T-Head, Task Alignment Learning, dense decoding."""
 
 import logging
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -102,7 +103,27 @@ class TOOD(DenseDetector):
             [x.gt_boxes.tensor for x in gt_instances],
             [x.gt_classes for x in gt_instances],
             warmup=not self._use_task_alignment(),
+            valid_mask=self._valid_anchors(images.image_sizes, sizes, device),
         )
+
+    def _valid_anchors(self, image_sizes, sizes, device) -> Optional[Tensor]:
+        """(N, A) bool: anchors inside their own image padded to the size divisibility, or None if all are.
+
+        As the reference's valid flags: anchors that only see the padding added for a larger image of the batch
+        take no part in the assignment or the losses.
+        """
+        div = max(self.backbone.size_divisibility, 1)
+        padded = [(math.ceil(h / div) * div, math.ceil(w / div) * div) for h, w in image_sizes]
+        masks = []
+        for ph, pw in padded:
+            per_level = []
+            for (fh, fw), s in zip(sizes, self.head.strides):
+                rows = torch.arange(fh, device=device) < math.ceil(ph / s)
+                cols = torch.arange(fw, device=device) < math.ceil(pw / s)
+                per_level.append((rows[:, None] & cols[None, :]).reshape(-1))
+            masks.append(torch.cat(per_level))
+        mask = torch.stack(masks)
+        return None if mask.all() else mask
 
     def forward_inference(self, images: ImageList, features, predictions) -> List[Instances]:
         cls_scores, bbox_preds = predictions
