@@ -1,0 +1,180 @@
+"""Export to ONNX (run by ONNX Runtime) and TorchScript: the exported models give the PyTorch model's detections.
+
+Test setup for random weights: their scores sit near the 0.01 prior, below the 0.05 threshold, thousands of them
+within 1e-6 of each other, where the ~1e-7 float differences between runtimes reorder them (and so change what NMS
+keeps). :func:`build_model` scales the classifier's weights by 4 to spread the logits, and
+:func:`separating_threshold` sets the score threshold in a clear gap below the 10 to 40 highest scores, so that
+every image has detections whose scores differ by far more than round-off.
+"""
+
+import sys
+from typing import List
+
+import onnx
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import Boxes, Instances
+
+from tests.conftest import REPO_ROOT
+from tood.data import generate_dataset
+from tood.export import ONNX_OPSET, ExportedTOOD, PostprocessParams, detection_deviations, export_model
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import export_model as export_tool  # noqa: E402
+
+BOX_ATOL_PX = 0.01
+SCORE_ATOL = 1e-4
+# A narrow T-Head where the point is the graph (anchor-based decoding, dynamic sizes), not the R-50 head's cost.
+NARROW_HEAD = ["model.head.feat_channels=64", "model.head.stacked_convs=2", "model.num_classes=6"]
+
+
+def build_model(config: str, *overrides: str) -> torch.nn.Module:
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(str(REPO_ROOT / "configs" / config)), list(overrides))
+    cfg.model.tal_start_iter = 0
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).eval()
+    with torch.no_grad():
+        model.head.cls_score.weight.mul_(4)  # test setup, see the module docstring
+    return model
+
+
+def separating_threshold(scores: List[torch.Tensor]) -> float:
+    """A threshold keeping the 10 to 40 highest of the dense ``scores``, in the widest gap between two of them."""
+    top = torch.cat([s.flatten() for s in scores]).sort(descending=True).values[:41]
+    gaps = top[:-1] - top[1:]
+    i = 9 + int(gaps[9:].argmax())
+    # The setup's premise: the kept scores and the threshold are far apart compared with round-off.
+    assert gaps[i] > 1e-5 and gaps[:i].min() > 1e-6, gaps
+    return float(top[i] + top[i + 1]) / 2
+
+
+def check_exported(model, exported: ExportedTOOD, image: torch.Tensor) -> int:
+    """Asserts that ``exported`` gives the PyTorch model's dense outputs and detections on ``image``; returns the
+    number of detections."""
+    dense = exported.run(image)
+    num_levels = len(dense) // 2
+    model.test_score_thresh = separating_threshold(dense[:num_levels])
+    exported.params = PostprocessParams.from_model(model)
+
+    captured = []
+    hook = model.head.register_forward_hook(lambda module, inputs, outputs: captured.append(outputs))
+    try:
+        with torch.no_grad():
+            reference = model([{"image": image}])[0]["instances"]
+    finally:
+        hook.remove()
+    cls_scores, bbox_preds = captured[0]
+    # Documented layout: per level (Hl * Wl, K) and (Hl * Wl, 4) pixels, locations row-major over (y, x).
+    for out, expected in zip(dense[:num_levels], cls_scores):
+        torch.testing.assert_close(out, expected[0].flatten(1).t(), atol=1e-5, rtol=0)
+    for out, expected, stride in zip(dense[num_levels:], bbox_preds, model.head.strides):
+        torch.testing.assert_close(out, expected[0].flatten(1).t() * stride, atol=BOX_ATOL_PX, rtol=0)
+
+    detections = exported(image)
+    assert detections.image_size == reference.image_size == tuple(image.shape[-2:])
+    assert len(detections) == len(reference) > 0
+    assert torch.equal(detections.pred_classes, reference.pred_classes)
+    torch.testing.assert_close(detections.pred_boxes.tensor, reference.pred_boxes.tensor, atol=BOX_ATOL_PX, rtol=0)
+    torch.testing.assert_close(detections.scores, reference.scores, atol=SCORE_ATOL, rtol=0)
+    return len(reference)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes")
+    generate_dataset(folder, num_images=2, seed=1, image_size=320)
+    return folder / "images"
+
+
+@pytest.fixture(scope="module")
+def images(image_folder):
+    """Two generated images cropped to 250x320: 250 is not a multiple of 32, so the graph pads."""
+    return [
+        torch.as_tensor(
+            read_image(str(image_folder / f"00000{i}.jpg"), format="RGB")[:250].transpose(2, 0, 1).copy()
+        ).float()
+        for i in range(2)
+    ]
+
+
+@pytest.fixture(scope="module")
+def r50_exports(images, tmp_path_factory):
+    """The R-50 anchor-free config as it is, exported as a fixed-size ONNX model and as TorchScript."""
+    model = build_model("tood_R_50_1x.py")
+    folder = tmp_path_factory.mktemp("r50")
+    export_model(model, images[0], str(folder / "onnx"), "onnx", dynamic=False)
+    export_model(model, images[0], str(folder / "ts"), "torchscript")
+    return model, folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "ts"])
+def test_r50_anchor_free_matches_pytorch(r50_exports, images, fmt):
+    model, folder = r50_exports
+    exported = ExportedTOOD(str(folder / fmt), num_threads=torch.get_num_threads())
+    for image in images:
+        check_exported(model, exported, image)
+
+
+@pytest.mark.slow
+def test_fixed_size_onnx_accepts_only_its_size(r50_exports, images):
+    _, folder = r50_exports
+    graph = onnx.load(str(folder / "onnx" / "model.onnx")).graph
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [3, 250, 320]
+    with pytest.raises(ValueError, match="exported for 250x320"):
+        ExportedTOOD(str(folder / "onnx"))(images[1][:, :224])
+
+
+@pytest.mark.slow
+def test_anchor_based_dynamic_size(images, tmp_path):
+    """One exported graph, traced at 250x320, serves a 224x320 image too (other level sizes, other priors)."""
+    model = build_model("tood_R_50_anchor_based_1x.py", *NARROW_HEAD)
+    assert model.head.anchor_type == "anchor_based"
+    export_model(model, images[0], str(tmp_path / "onnx"), "onnx", dynamic=True)
+    export_model(model, images[0], str(tmp_path / "ts"), "torchscript")
+    onnx_model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    assert [d.dim_param or d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim] == [
+        3,
+        "height",
+        "width",
+    ]
+    assert onnx_model.opset_import[0].version == ONNX_OPSET
+    assert "GridSample" in {node.op_type for node in onnx_model.graph.node}  # the box alignment is in the graph
+    for fmt in ("onnx", "ts"):
+        exported = ExportedTOOD(str(tmp_path / fmt))
+        for image in (images[0], images[1][:, :224]):
+            check_exported(model, exported, image)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_tool(image_folder, tmp_path, fmt):
+    """tools/export_model.py on the quick-start model: exports, verifies against PyTorch, times both."""
+    args = ["--config-file", str(REPO_ROOT / "configs" / "quickstart_shapes.py"), "--format", fmt]
+    args += ["--output", str(tmp_path), "--runs", "2", "--sample-image", str(image_folder / "000000.jpg")]
+    report = export_tool.main(export_tool.argument_parser().parse_args(args))
+    assert report["ok"]
+    assert report["path"] == str(tmp_path / ("model.onnx" if fmt == "onnx" else "model.ts"))
+    assert set(report["latency_ms"]) == {"pytorch", fmt} and min(report["latency_ms"].values()) > 0
+    assert (tmp_path / "tood_export.json").is_file()
+
+
+def test_detection_deviations_pairs_by_class_and_box():
+    def instances(boxes, scores, classes):
+        result = Instances((100, 100))
+        result.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        result.scores = torch.tensor(scores)
+        result.pred_classes = torch.tensor(classes)
+        return result
+
+    reference = instances([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.8], [1, 2])
+    # Same detections in the other order, slightly moved.
+    swapped = instances([[20, 20, 40, 40.005], [0, 0, 10, 10]], [0.80002, 0.9], [2, 1])
+    dev = detection_deviations(reference, swapped)
+    assert dev["count"] == 2 and dev["box"] == pytest.approx(0.005, abs=1e-5)
+    assert dev["score"] == pytest.approx(2e-5, abs=1e-7)
+    assert detection_deviations(reference, instances([[0, 0, 10, 10]], [0.9], [1]))["box"] == float("inf")
+    relabelled = instances([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.8], [1, 3])
+    assert detection_deviations(reference, relabelled)["score"] == float("inf")
