@@ -99,8 +99,80 @@ def align_boxes(boxes: Tensor, offsets: Tensor) -> Tensor:
     return out.reshape(n, c, h, w)
 
 
+def deform_conv2d_by_sampling(x, offset, mask, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """``torchvision.ops.deform_conv2d`` computed as bilinear sampling (``grid_sample``) then a grouped 1x1 conv.
+
+    Same arguments, layout and result (points outside the input read 0). torchvision's CPU kernel handles a
+    grouped convolution group by group and takes seconds per call for ResNeXt's 64 groups; this runs it as one
+    convolution, and under bfloat16 autocast. It keeps the sampled columns (C_in * kh * kw channels) for the
+    backward pass, which is why CUDA keeps torchvision's kernel.
+    """
+    n, c, h, w = x.shape
+    out_channels, c_per_group, kh, kw = weight.shape
+    ho, wo = offset.shape[-2:]
+    taps = kh * kw
+    deform_groups = offset.shape[1] // (2 * taps)
+    # Sampling positions in float32 at least: bfloat16 cannot hold sub-pixel coordinates.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    offset = offset.to(dtype).view(n, deform_groups, taps, 2, ho, wo)
+    tap_y, tap_x = torch.meshgrid(
+        torch.arange(kh, device=x.device, dtype=dtype) * dilation[0],
+        torch.arange(kw, device=x.device, dtype=dtype) * dilation[1],
+        indexing="ij",
+    )
+    rows = torch.arange(ho, device=x.device, dtype=dtype) * stride[0] - padding[0]
+    cols = torch.arange(wo, device=x.device, dtype=dtype) * stride[1] - padding[1]
+    ys = rows.view(1, 1, 1, ho, 1) + tap_y.reshape(1, 1, taps, 1, 1) + offset[:, :, :, 0]
+    xs = cols.view(1, 1, 1, 1, wo) + tap_x.reshape(1, 1, taps, 1, 1) + offset[:, :, :, 1]
+    # Pixel p of a size-S axis sits at (2p + 1) / S - 1 in grid_sample's align_corners=False coordinates.
+    grid = torch.stack([(2 * xs + 1) / w - 1, (2 * ys + 1) / h - 1], dim=-1)
+    sampled = F.grid_sample(
+        x.to(dtype).reshape(n * deform_groups, c // deform_groups, h, w),
+        grid.view(n * deform_groups, taps * ho, wo, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )
+    sampled = sampled.view(n, deform_groups, c // deform_groups, taps, ho, wo)
+    sampled = sampled * mask.to(dtype).view(n, deform_groups, 1, taps, ho, wo)
+    # Channels (c, tap), c-major: group g of the 1x1 conv reads exactly the taps of its input channels.
+    columns = sampled.reshape(n, c * taps, ho, wo)
+    return F.conv2d(columns, weight.reshape(out_channels, c_per_group * taps, 1, 1), bias, groups=c // c_per_group)
+
+
+def modulated_deform_conv2d(
+    x: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+) -> Tensor:
+    """DCNv2: ``torchvision.ops.deform_conv2d`` with ``mask``, in float32 at least (bfloat16 cannot hold sub-pixel
+    sampling positions, and torchvision has no bfloat16 CPU kernel).
+
+    On CUDA torchvision's kernel; elsewhere :func:`deform_conv2d_by_sampling`, the same computation, much faster on
+    CPU for grouped convolutions.
+    """
+    if x.device.type == "cuda":
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return deform_conv2d(
+            x.to(dtype),
+            offset.to(dtype),
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            mask=mask.to(dtype),
+        )
+    return deform_conv2d_by_sampling(x, offset, mask, weight, bias, stride, padding, dilation)
+
+
 class ModulatedDeformConv2d(nn.Module):
-    """Modulated deformable convolution (DCNv2) on ``torchvision.ops.deform_conv2d``.
+    """Modulated deformable convolution (DCNv2) with its offset/mask conv, see :func:`modulated_deform_conv2d`.
 
     Offsets and modulation mask come from ``conv_offset`` (zero-initialised, so it starts as a conv whose taps are
     halved by mask = sigmoid(0)). Its parameters have mmcv's ``ModulatedDeformConv2dPack`` layout: ``weight``
@@ -149,16 +221,8 @@ class ModulatedDeformConv2d(nn.Module):
         out = self.conv_offset(x)
         num_taps = self.deform_groups * self.weight.shape[2] * self.weight.shape[3]
         offset, mask = out.split([2 * num_taps, num_taps], dim=1)
-        # torchvision's kernel wants one dtype; under autocast conv_offset may return a lower precision than x.
-        x = deform_conv2d(
-            x,
-            offset.to(x.dtype),
-            self.weight.to(x.dtype),
-            None if self.bias is None else self.bias.to(x.dtype),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            mask=mask.sigmoid().to(x.dtype),
+        x = modulated_deform_conv2d(
+            x, offset, mask.sigmoid(), self.weight, self.bias, self.stride, self.padding, self.dilation
         )
         if self.norm is not None:
             x = self.norm(x)

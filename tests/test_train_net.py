@@ -1,0 +1,192 @@
+"""tools/train_net.py on CPU with a tiny generated dataset registered through --register-coco: training with
+periodic checkpoints and evaluation, the ATSS -> TAL switch in the log, --resume, --eval-only, bfloat16 AMP,
+gradient clipping, and 2-process DDP (gloo) reproducing the 1-process losses."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from tests.conftest import REPO_ROOT
+from tood.data import get_shapes_dataset
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import train_net  # noqa: E402
+
+# The quick-start model at 128 px, 8 images, no flips (so that one and two processes see the same pixels).
+TINY_CONFIG = """
+from detectron2.config import LazyConfig
+
+_base = LazyConfig.load({base!r})
+model, optimizer, lr_multiplier, dataloader, train = (
+    _base.model, _base.optimizer, _base.lr_multiplier, _base.dataloader, _base.train
+)
+dataloader.train.dataset.names = "tiny_train"
+dataloader.test.dataset.names = "tiny_val"
+for _augs in (dataloader.train.mapper.augmentations, dataloader.test.mapper.augmentations):
+    _augs[0].short_edge_length = 128
+    _augs[0].max_size = 128
+dataloader.train.mapper.augmentations[1].prob = 0.0
+dataloader.train.total_batch_size = 2
+# A few iterations leave every score under the usual 0.05: keep all candidates, so that AP is a number.
+model.test_score_thresh = 0.0
+train.max_iter = 6
+train.log_period = 1
+train.seed = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config file, --register-coco arguments) of the tiny setup."""
+    root = tmp_path_factory.mktemp("tiny")
+    folder = get_shapes_dataset(num_images=8, seed=0, image_size=128, root=root)
+    config = root / "tiny_config.py"
+    config.write_text(TINY_CONFIG.format(base=str(REPO_ROOT / "configs" / "quickstart_shapes.py")))
+    register = []
+    for name in ("tiny_train", "tiny_val"):
+        register += ["--register-coco", name, str(folder / "annotations.json"), str(folder / "images")]
+    return str(config), register
+
+
+def run_train_net(tiny, *args):
+    """Runs tools/train_net.py with ``args`` (flags first, then key=value overrides)."""
+    config, register = tiny
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", config, *register, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses_by_iter(metrics):
+    return {m["iteration"]: m for m in metrics if "total_loss" in m}
+
+
+@pytest.mark.slow
+def test_train_checkpoint_evaluate_resume_and_eval_only(tiny, tmp_path):
+    out = tmp_path / "run"
+    common = [f"train.output_dir={out}", "train.checkpointer.period=3", "train.eval_period=4"]
+    log = run_train_net(tiny, *common, "train.clip_grad.enabled=True", "train.clip_grad.max_norm=1.0")
+
+    metrics = read_metrics(out)
+    steps = losses_by_iter(metrics)
+    assert sorted(steps) == list(range(6))
+    assert all(math.isfinite(steps[i][k]) for i in steps for k in ("total_loss", "loss_cls", "loss_box_reg"))
+    # Gradient clipping logs the norm it clipped.
+    assert all(steps[i]["grad_norm"] > 0 for i in steps)
+    # Evaluated after iteration 3 (eval_period) and at the end.
+    assert len([m for m in metrics if "bbox/AP" in m]) == 2
+    files = set(os.listdir(out))
+    assert {"model_0000002.pth", "model_0000005.pth", "model_final.pth", "config.yaml", "log.txt"} <= files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert "eta:" in log
+    # 6 * 4 // 12 = 2: ATSS warm-up for iterations 0-1, then task-aligned assignment.
+    assert re.search(r"Iteration 0:.*ATSS", log) and re.search(r"Iteration 2:.*task-aligned", log)
+
+    # Resume from the checkpoint of iteration 2, as after a crash.
+    (out / "last_checkpoint").write_text("model_0000002.pth")
+    os.rename(out / "metrics.json", out / "metrics_first.json")
+    log = run_train_net(tiny, "--resume", *common)
+    assert "Starting training from iteration 3" in log
+    assert re.search(r"Iteration 3:.*task-aligned", log)
+    resumed = losses_by_iter(read_metrics(out))
+    assert sorted(resumed) == [3, 4, 5]
+    assert [resumed[i]["lr"] for i in (3, 4, 5)] == [steps[i]["lr"] for i in (3, 4, 5)]
+    assert steps[5]["lr"] < steps[4]["lr"]  # a step of the schedule falls inside the resumed part
+    final_ap = [m for m in read_metrics(out) if "bbox/AP" in m][-1]["bbox/AP"]
+
+    log = run_train_net(
+        tiny, "--eval-only", f"train.output_dir={tmp_path / 'eval'}", f"train.init_checkpoint={out}/model_final.pth"
+    )
+    copypaste = re.findall(r"copypaste: ([0-9.]+),", log)
+    assert math.isfinite(final_ap) and copypaste and float(copypaste[0]) == pytest.approx(final_ap, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_bfloat16_amp_on_cpu(tiny, tmp_path):
+    run_train_net(tiny, f"train.output_dir={tmp_path}", "train.max_iter=2", "train.amp.enabled=True")
+    steps = losses_by_iter(read_metrics(tmp_path))
+    assert sorted(steps) == [0, 1] and all(math.isfinite(s["total_loss"]) for s in steps.values())
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_reproduce_one(tiny, tmp_path):
+    """Same total batch (4), same seed: DDP over gloo logs the losses of a single process.
+
+    The sampler's shuffled stream is split between ranks (ranks 0 and 1 take images 0, 2 and 1, 3 of a
+    batch), the quick-start BN is synchronised across processes, and the losses' normalisers are averaged over
+    ranks: the gradients are those of one process on the whole batch, up to float summation order. (metrics.json
+    holds each loss as the median of its iterations so far: iteration 0 compares raw values, later ones medians
+    of 2-4 iterations.)
+    """
+    common = ["train.max_iter=4", "dataloader.train.total_batch_size=4", "train.eval_period=0"]
+    run_train_net(tiny, "--num-gpus", "1", *common, f"train.output_dir={tmp_path / 'one'}")
+    run_train_net(tiny, "--num-gpus", "2", "--dist-url", "auto", *common, f"train.output_dir={tmp_path / 'two'}")
+    one, two = losses_by_iter(read_metrics(tmp_path / "one")), losses_by_iter(read_metrics(tmp_path / "two"))
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    for i in range(4):
+        for key in ("loss_cls", "loss_box_reg"):
+            assert two[i][key] == pytest.approx(one[i][key], rel=1e-3), (i, key)
+
+
+def test_cpu_amp_trainer_runs_the_forward_in_bfloat16():
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.dtypes = []
+
+        def forward(self, data):
+            out = self.linear(data)
+            self.dtypes.append(out.dtype)
+            return {"loss": out.float().pow(2).mean()}
+
+    model = Recorder()
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "common" / "train.py"))
+    cfg.train.device, cfg.train.amp.enabled = "cpu", True
+    trainer = train_net.build_trainer(cfg, model, [torch.ones(2, 4)] * 2, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(trainer, train_net.CPUAMPTrainer)
+    before = model.linear.weight.detach().clone()
+    trainer.train(0, 2)
+    assert model.dtypes == [torch.bfloat16] * 2
+    assert model.linear.weight.dtype == torch.float32 and not torch.equal(model.linear.weight, before)
+
+
+def test_gradient_clipping_clips_the_global_norm():
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))]
+    optimizer = train_net.add_gradient_clipping(torch.optim.SGD(params, lr=1.0), max_norm=2.0)
+    params[0].grad = torch.full((3,), 3.0)
+    params[1].grad = torch.full((4,), 4.0)
+    with EventStorage(0) as storage:
+        optimizer.step()
+    norm = math.sqrt(3 * 9 + 4 * 16)
+    assert storage.history("grad_norm").latest() == pytest.approx(norm)
+    # SGD with lr 1 stepped by the gradients scaled to norm 2, all by the same factor.
+    torch.testing.assert_close(params[0].detach(), torch.full((3,), -3.0 * 2.0 / norm))
+    torch.testing.assert_close(params[1].detach(), torch.full((4,), -4.0 * 2.0 / norm))
+
+
+def test_registered_dataset_must_match_num_classes(tmp_path):
+    folder = get_shapes_dataset(num_images=2, seed=0, image_size=64, root=tmp_path)
+    train_net.register_coco_datasets([("two_shapes", str(folder / "annotations.json"), str(folder / "images"))])
+    DatasetCatalog.get("two_shapes")  # loading a COCO json sets its thing_classes
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "quickstart_shapes.py"))
+    train_net.check_num_classes(cfg, "two_shapes")
+    cfg.model.num_classes = 80
+    with pytest.raises(ValueError, match="model.num_classes=6"):
+        train_net.check_num_classes(cfg, ["two_shapes"])

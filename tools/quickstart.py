@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""``make quickstart``: train TOOD from scratch on the generated shapes dataset on CPU, evaluate it with
+COCOEvaluator, and draw its predictions on a few validation images.
+
+The datasets are generated on first use (under ``$TOOD_DATASETS``, default ./datasets). ``--max-iter`` is
+the time budget: the schedule of configs/quickstart_shapes.py scales with it. Extra ``key=value`` arguments
+override the config, as for tools/train_net.py.
+
+Examples::
+
+    tools/quickstart.py
+    tools/quickstart.py --max-iter 300 train.amp.enabled=True
+"""
+
+import argparse
+import os
+import time
+
+import demo
+import train_net
+from detectron2.data import DatasetCatalog
+from detectron2.engine import HookBase
+from tqdm import tqdm
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ProgressBar(HookBase):
+    """A tqdm bar over the training iterations: rate, ETA and the latest total loss."""
+
+    def before_train(self):
+        self._bar = tqdm(
+            total=self.trainer.max_iter, initial=self.trainer.start_iter, desc="training", unit="it", smoothing=0.05
+        )
+
+    def after_step(self):
+        self._bar.update(1)
+        history = self.trainer.storage.histories().get("total_loss")
+        if history is not None:
+            self._bar.set_postfix(loss=f"{history.latest():.3f}", refresh=False)
+
+    def after_train(self):
+        self._bar.close()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Examples::" + __doc__.split("Examples::", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", default=os.path.join(REPO_ROOT, "configs", "quickstart_shapes.py"))
+    parser.add_argument("--max-iter", type=int, help="training iterations (default: the config's train.max_iter)")
+    parser.add_argument("--output", default="output/quickstart", help="checkpoints, logs, drawn predictions")
+    parser.add_argument("--num-images", type=int, default=8, help="validation images to draw predictions on")
+    parser.add_argument("--confidence-threshold", type=float, default=0.4, help="draw detections scoring at least this")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, key=value")
+    args = parser.parse_args(argv)
+
+    overrides = [f"train.output_dir={args.output}"]
+    if args.max_iter is not None:
+        overrides.append(f"train.max_iter={args.max_iter}")
+    train_args = train_net.argument_parser().parse_args(["--config-file", args.config_file, *overrides, *args.opts])
+    cfg = train_net.setup(train_args)
+
+    start = time.perf_counter()
+    results = train_net.do_train(train_args, cfg, extra_hooks=[ProgressBar()])
+    elapsed = time.perf_counter() - start
+
+    cfg.train.init_checkpoint = os.path.join(args.output, "model_final.pth")
+    predictor = demo.Predictor(cfg)
+    val_name = cfg.dataloader.test.dataset.names
+    paths = [d["file_name"] for d in DatasetCatalog.get(val_name)[: args.num_images]]
+    drawn = demo.run_on_images(predictor, paths, os.path.join(args.output, "predictions"), args.confidence_threshold)
+
+    print(f"\nTrained {cfg.train.max_iter} iterations and evaluated in {elapsed / 60:.1f} min.")
+    if "bbox" in results:
+        print(f"Box AP on {val_name}: {results['bbox']['AP']:.1f} (AP50 {results['bbox']['AP50']:.1f})")
+    print(f"Model: {cfg.train.init_checkpoint}; log: {os.path.join(args.output, 'log.txt')}")
+    print(f"Predictions drawn on {len(drawn)} validation images in {os.path.dirname(drawn[0])}/")
+    return results
+
+
+if __name__ == "__main__":
+    main()
