@@ -28,6 +28,9 @@ MODEL_ZOO = [
 ALL_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
 
 
+QUICKSTART_CONFIGS = {"quickstart_shapes.py", "quickstart_shapes_retinanet.py", "quickstart_shapes_fcos.py"}
+
+
 def load(name):
     return LazyConfig.load(str(CONFIG_DIR / name))
 
@@ -44,7 +47,7 @@ def make_batch(num_classes, size=128, num_images=1):
 
 
 def test_the_published_model_zoo_is_there():
-    assert set(MODEL_ZOO) | {"quickstart_shapes.py"} == set(ALL_CONFIGS)
+    assert set(MODEL_ZOO) | QUICKSTART_CONFIGS == set(ALL_CONFIGS)
 
 
 @pytest.mark.parametrize("name", ALL_CONFIGS)
