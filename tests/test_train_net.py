@@ -103,6 +103,7 @@ def test_train_checkpoint_evaluate_resume_and_eval_only(tiny, tmp_path):
     os.rename(out / "metrics.json", out / "metrics_first.json")
     log = run_train_net(tiny, "--resume", *common)
     assert "Starting training from iteration 3" in log
+    assert "The training data continues at batch 3 of its stream" in log
     assert re.search(r"Iteration 3:.*task-aligned", log)
     resumed = losses_by_iter(read_metrics(out))
     assert sorted(resumed) == [3, 4, 5]

@@ -11,8 +11,13 @@ Detectron2's tools/lazyconfig_train_net.py, plus what TOOD's configs use:
 * Evaluation every ``train.eval_period`` iterations and at the end; COCOEvaluator's fast implementation only
   where Detectron2's compiled ops exist (pycocotools' COCOeval otherwise).
 * ``--register-coco NAME JSON IMAGE_ROOT`` (repeatable) registers a COCO-format dataset before the config is
-  built, so ``dataloader.train.dataset.names=NAME`` needs no code.
+  built, so ``dataloader.train.dataset.names=NAME`` needs no code; the json is checked when first loaded.
 * The ``tood`` logger (ATSS warm-up -> task-aligned assignment switch) goes to the console and log.txt.
+* When things go wrong: an override of a key the config does not have, or a dataset that is not registered, is an
+  error with close matches; a NaN or infinite loss stops training, on every rank, before the step is applied, naming
+  the iteration, the losses and the last good checkpoint; checkpoints are written atomically and ``--resume``
+  continues the iteration, optimizer, LR schedule, warm-up phase and data stream; with several processes, a worker
+  that fails ends the run, and one that hangs ends it after ``--dist-timeout`` seconds.
 
 Examples::
 
@@ -24,17 +29,18 @@ Examples::
         dataloader.train.dataset.names=mine_train dataloader.test.dataset.names=mine_val model.num_classes=3
 """
 
+import difflib
+import inspect
 import logging
 import os
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -50,8 +56,11 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.registry import locate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
+from tood.checkpoint import TOODCheckpointer
+from tood.data.checks import check_registered, register_checked_coco
 
 logger = logging.getLogger("detectron2")
 
@@ -59,7 +68,84 @@ logger = logging.getLogger("detectron2")
 def register_coco_datasets(specs):
     """Registers each ``(name, json_file, image_root)`` as a COCO instances dataset (``--register-coco``)."""
     for name, json_file, image_root in specs or ():
-        register_coco_instances(name, {}, json_file, image_root)
+        register_checked_coco(name, json_file, image_root)
+
+
+class ConfigKeyError(KeyError):
+    def __str__(self):  # KeyError's own would show the message's repr
+        return str(self.args[0])
+
+
+def _target_parameters(node):
+    """Argument names of a LazyCall node's target, following ``**kwargs`` up a class's bases; None if it takes any
+    or cannot be inspected."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if target is None:
+        return []
+    target = locate(target) if isinstance(target, str) else target
+    functions = [c.__init__ for c in target.__mro__ if "__init__" in vars(c)] if isinstance(target, type) else [target]
+    names = []
+    for function in functions:
+        try:
+            params = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def check_override_keys(cfg, overrides):
+    """Raises :class:`ConfigKeyError`, with close matches, for an override of a key that ``cfg`` does not have and
+    that is no argument of the object built there.
+
+    LazyConfig would add such a key silently: a misspelt ``train.max_iters`` is never read, and a misspelt
+    ``model.hed.num_classes`` fails later in ``instantiate`` without a hint. New keys asked for with ``+key=value``
+    pass.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_add():
+            continue
+        key = override.key_or_group
+        parts = key.split(".")
+        node = cfg
+        for depth, part in enumerate(parts):
+            if isinstance(node, ListConfig):
+                known = [str(i) for i in range(len(node))]
+            else:
+                known = [k for k in node.keys() if k != "_target_"]
+            if part in known:
+                child = node._get_node(int(part) if isinstance(node, ListConfig) else part)
+                if not OmegaConf.is_config(child):
+                    break  # a value, replaced by the override
+                node = child
+                continue
+            params = _target_parameters(node)
+            if params is None or part in params:
+                break  # an argument the config leaves at its default
+            candidates = sorted(set(known + params))
+            matches = [
+                ".".join([*parts[:depth], m, *parts[depth + 1 :]]) for m in difflib.get_close_matches(part, candidates)
+            ]
+            hint = f" Did you mean {' or '.join(matches)}?" if matches else ""
+            raise ConfigKeyError(
+                f"Unknown config key '{key}': {'.'.join(parts[:depth]) or 'the config'} has no '{part}'.{hint} "
+                f"Keys there: {', '.join(candidates)}. (Use +{key}=VALUE to add a new key.)"
+            )
+
+
+def check_dataset_names(cfg, eval_only=False):
+    """Raises, with the registered names, if a dataset the run reads is not registered."""
+    keys = ["dataloader.test.dataset.names"] if eval_only else ["dataloader.train.dataset.names"]
+    if not eval_only and "evaluator" in cfg.dataloader:
+        keys.append("dataloader.test.dataset.names")
+    for key in keys:
+        names = OmegaConf.select(cfg, key, default=None)
+        if names is not None:
+            check_registered(names, key)
 
 
 def has_compiled_ops() -> bool:
@@ -91,7 +177,61 @@ def check_num_classes(cfg, names):
             )
 
 
-class CPUAMPTrainer(SimpleTrainer):
+def check_losses_finite(loss_dict, iteration, checkpointer=None):
+    """Raises FloatingPointError, on every rank, if a loss of any rank is NaN or infinite.
+
+    Called before the optimizer step, so the weights never take a non-finite step. The message names the
+    iteration, each rank's losses and the last good checkpoint. The ranks agree through an all-reduce, so that
+    none goes on to wait for the others in the next collective.
+    """
+    bad = torch.stack([~torch.isfinite(v.detach()).all() for v in loss_dict.values()]).any().float()
+    if comm.get_world_size() > 1:
+        dist.all_reduce(bad)
+    if not bad.item():
+        return
+    losses = [", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())]
+    if comm.get_world_size() > 1:
+        losses = [f"rank {r}: {x}" for r, x in enumerate(comm.all_gather(losses[0]))]
+    if checkpointer is not None and checkpointer.has_checkpoint():
+        last = f"The last good checkpoint is {checkpointer.get_checkpoint_file()}: continue from it with --resume"
+    else:
+        last = "No checkpoint was written yet: start again"
+    raise FloatingPointError(
+        f"Loss is NaN or infinite at iteration {iteration} ({'; '.join(losses)}); the weights did not take this "
+        f"step. {last}, with e.g. a lower optimizer.lr, a longer lr_multiplier.warmup_length or "
+        "train.clip_grad.enabled=True."
+    )
+
+
+class FiniteLossCheck:
+    """Trainer mixin: :func:`check_losses_finite` on every iteration, before the step.
+
+    ``checkpointer`` (set by :func:`do_train`) is where the message looks for the last good checkpoint.
+    """
+
+    checkpointer = None
+
+    def _write_metrics(self, loss_dict, data_time, prefix=""):
+        # Called by the run_step of SimpleTrainer, AMPTrainer and CPUAMPTrainer before the optimizer step.
+        try:
+            check_losses_finite(loss_dict, self.iter, self.checkpointer)
+        except FloatingPointError:
+            # The last completed iteration: hooks' after_train reads iter + 1 >= max_iter as "training finished"
+            # (final checkpoint, final evaluation), which a failure in the last iteration is not.
+            self.iter -= 1
+            raise
+        super()._write_metrics(loss_dict, data_time, prefix)
+
+
+class CheckedSimpleTrainer(FiniteLossCheck, SimpleTrainer):
+    pass
+
+
+class CheckedAMPTrainer(FiniteLossCheck, AMPTrainer):
+    pass
+
+
+class CPUAMPTrainer(FiniteLossCheck, SimpleTrainer):
     """:class:`SimpleTrainer` with the forward pass and losses under bfloat16 autocast on CPU.
 
     Detectron2's AMPTrainer is CUDA-only (fp16, which needs loss scaling). bfloat16 keeps float32's exponent
@@ -136,9 +276,9 @@ def add_gradient_clipping(optimizer, max_norm: float, norm_type: float = 2.0):
 
 def build_trainer(cfg, model, data_loader, optimizer):
     if not cfg.train.amp.enabled:
-        return SimpleTrainer(model, data_loader, optimizer)
+        return CheckedSimpleTrainer(model, data_loader, optimizer)
     if torch.device(cfg.train.device).type == "cuda":
-        return AMPTrainer(model, data_loader, optimizer)
+        return CheckedAMPTrainer(model, data_loader, optimizer)
     return CPUAMPTrainer(model, data_loader, optimizer)
 
 
@@ -159,6 +299,20 @@ def do_test(cfg, model):
     return results
 
 
+def _continue_data_stream(cfg, start_iter):
+    """Makes the train loader start its sample stream at batch ``start_iter`` when its builder can."""
+    target = cfg.dataloader.train._target_
+    target = locate(target) if isinstance(target, str) else target
+    if "start_iter" in inspect.signature(target).parameters:
+        cfg.dataloader.train.start_iter = start_iter
+        logger.info(f"The training data continues at batch {start_iter} of its stream.")
+    else:
+        logger.warning(
+            f"{getattr(target, '__name__', target)} takes no start_iter: the resumed run reads its images from the "
+            "start of the data stream again (tood.data.loader.build_train_loader continues it)."
+        )
+
+
 def do_train(args, cfg, extra_hooks=()):
     """Trains ``cfg.model`` (see Detectron2's lazyconfig_train_net.py for the config keys).
 
@@ -177,13 +331,17 @@ def do_train(args, cfg, extra_hooks=()):
     if cfg.train.clip_grad.enabled:
         add_gradient_clipping(optimizer, cfg.train.clip_grad.max_norm, cfg.train.clip_grad.norm_type)
 
+    checkpointer = TOODCheckpointer(model, cfg.train.output_dir)
+    if args.resume and checkpointer.has_checkpoint():
+        _continue_data_stream(cfg, checkpointer.last_iteration() + 1)
     train_loader = instantiate(cfg.dataloader.train)
     check_num_classes(cfg, cfg.dataloader.train.dataset.names)
 
     model = _create_ddp_model(model, cfg)
     trainer = build_trainer(cfg, model, train_loader, optimizer)
+    trainer.checkpointer = checkpointer
     # The trainer's state holds the optimizer, the LR scheduler and AMP's grad scaler.
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer.add_checkpointable("trainer", trainer)
 
     last_results = {}
 
@@ -216,7 +374,9 @@ def setup(args):
     """Registers ``--register-coco`` datasets, builds the config with the overrides, sets up logging."""
     register_coco_datasets(args.register_coco)
     cfg = LazyConfig.load(args.config_file)
+    check_override_keys(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_dataset_names(cfg, args.eval_only)
     _use_available_coco_eval(cfg)
     default_setup(cfg, args)
     # TOOD's modules log under "tood", e.g. the iteration where training switches from ATSS to TAL.
@@ -229,20 +389,22 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        # With --resume: the last checkpoint of train.output_dir, else train.init_checkpoint.
-        DetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+        # With --resume: the last checkpoint of train.output_dir, else train.init_checkpoint; either must fit.
+        checkpointer = TOODCheckpointer(model, cfg.train.output_dir, strict=True)
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
     return do_train(args, cfg)
 
 
-def _cpu_worker(local_rank, main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args):
+def _cpu_worker(local_rank, main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout):
     rank = machine_rank * num_processes_per_machine + local_rank
-    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank)
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
     if hasattr(comm, "create_local_process_group"):  # detectron2 > 0.6
         comm.create_local_process_group(num_processes_per_machine)
     else:
         for i in range(world_size // num_processes_per_machine):
-            group = dist.new_group(list(range(i * num_processes_per_machine, (i + 1) * num_processes_per_machine)))
+            ranks = list(range(i * num_processes_per_machine, (i + 1) * num_processes_per_machine))
+            group = dist.new_group(ranks, timeout=timeout)
             if i == machine_rank:
                 comm._LOCAL_PROCESS_GROUP = group
     # Processes sharing a machine share its cores.
@@ -251,14 +413,26 @@ def _cpu_worker(local_rank, main_func, world_size, num_processes_per_machine, ma
     main_func(*args)
 
 
-def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=()):
+def launch(
+    main_func,
+    num_processes_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    timeout=timedelta(minutes=30),
+):
     """Detectron2's ``launch``; without CUDA, the same processes communicating over gloo.
 
-    Detectron2 0.6's ``launch`` requires CUDA (NCCL) for more than one process.
+    Detectron2 0.6's ``launch`` requires CUDA (NCCL) for more than one process. A worker that raises or dies ends
+    the run (the others are stopped, and the error names the worker); ``timeout`` bounds how long a collective
+    waits for a worker that neither answers nor dies (e.g. stuck, or on a lost machine).
     """
     world_size = num_machines * num_processes_per_machine
     if torch.cuda.is_available() or world_size == 1:
-        d2_launch(main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args=args)
+        d2_launch(
+            main_func, num_processes_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout
+        )
         return
     if dist_url == "auto":
         assert num_machines == 1, "dist_url=auto not supported in multi-machine jobs."
@@ -266,7 +440,7 @@ def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0,
     mp.spawn(
         _cpu_worker,
         nprocs=num_processes_per_machine,
-        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args),
+        args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
     )
 
@@ -293,6 +467,13 @@ def argument_parser():
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset under NAME before building the config (repeatable)",
     )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800,
+        metavar="SECONDS",
+        help="with several processes: how long a collective waits for a worker before the run fails",
+    )
     return parser
 
 
@@ -305,4 +486,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        timeout=timedelta(seconds=args.dist_timeout),
     )

@@ -3,27 +3,32 @@
 RGB input; resize keeping the aspect ratio to fit 1333x800 (the model pads to a multiple of 32); horizontal
 flip with probability 0.5 in training. ``dataloader_multiscale`` is the 2x schedules' training pipeline:
 shorter side drawn uniformly in [480, 800], longer side at most 1333.
+
+Training data goes through TOOD's checks (tood/data/checks.py): malformed annotations are errors naming the file
+and annotation; boxes of zero size or outside their image are dropped, partly outside clipped; images without
+boxes are dropped (``filter_empty``, the reference's ``filter_empty_gt``; False keeps them as negatives); an
+unreadable image is skipped with a warning in training (``mapper.on_bad_image="raise"`` stops instead) and stops
+evaluation. A resumed run continues the training sample stream (``start_iter``, set by tools/train_net.py).
 """
 
 import copy
 
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    DatasetMapper,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
+from tood.data.checks import CheckedDatasetMapper, get_checked_dataset_dicts
+from tood.data.loader import build_train_loader
+
 dataloader = OmegaConf.create()
 
-dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
-    mapper=L(DatasetMapper)(
+dataloader.train = L(build_train_loader)(
+    dataset=L(get_checked_dataset_dicts)(names="coco_2017_train", filter_empty=True),
+    mapper=L(CheckedDatasetMapper)(
         is_train=True,
+        on_bad_image="skip",
         augmentations=[
             L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333, sample_style="choice"),
             L(T.RandomFlip)(horizontal=True, prob=0.5),
@@ -37,7 +42,7 @@ dataloader.train = L(build_detection_train_loader)(
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
-    mapper=L(DatasetMapper)(
+    mapper=L(CheckedDatasetMapper)(
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
         image_format="${...train.mapper.image_format}",

@@ -1,0 +1,158 @@
+"""Checkpoints that a crash cannot corrupt, and loading that says what does not fit.
+
+:class:`TOODCheckpointer` is Detectron2's ``DetectionCheckpointer`` plus:
+
+* atomic files: a checkpoint, and then ``last_checkpoint``, is written to a temporary file in the same folder,
+  flushed to disk and renamed over its name (fvcore writes in place). A crash or kill at any moment leaves each
+  file either as it was or complete, and ``last_checkpoint`` names only complete files;
+* no checkpoint of weights holding NaN or inf, so that the last checkpoint of a diverged run is a good one;
+* strict loading when resuming (and, with ``strict=True``, when evaluating): a checkpoint whose tensors do not fit
+  the model is refused with the tensors that differ and what to do; a checkpoint of which no tensor fits is
+  always refused.
+
+Checkpoints go to local folders (``save_dir`` is a path, not a PathManager URL).
+"""
+
+import glob
+import os
+import tempfile
+from typing import Callable, List, Tuple
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["TOODCheckpointer", "atomic_write"]
+
+_PARTIAL = ".partial"  # suffix of the temporary files of atomic_write
+_LISTED = 10  # tensors named in a mismatch message
+
+
+def atomic_write(path: str, write: Callable) -> None:
+    """Creates or replaces ``path`` with what ``write(binary file)`` writes, all at once.
+
+    The data goes to a hidden ``.NAME.*.partial`` file in the same folder (a rename is atomic only within one file
+    system), is flushed and fsynced, and the file is renamed over ``path``; the folder is then fsynced, which makes
+    the rename itself durable.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_PARTIAL, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _shapes(items: List[Tuple[str, tuple, tuple]]) -> List[str]:
+    return [f"  {k}: {tuple(c)} in the checkpoint, {tuple(m)} in the model" for k, c, m in items[:_LISTED]]
+
+
+def _examples(keys: List[str]) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:_LISTED]) + (f", ... ({len(keys)} in all)" if len(keys) > _LISTED else "")
+
+
+class TOODCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves, finite weights and explained loading (see the module docstring)."""
+
+    def __init__(self, model, save_dir: str = "", *, strict: bool = False, save_to_disk=None, **checkpointables):
+        """
+        Args:
+            model, save_dir, save_to_disk, checkpointables: as :class:`DetectionCheckpointer`.
+            strict: refuse any checkpoint that does not fit the model exactly, also when only initialising weights
+                (evaluation). Resuming (loading the checkpointables too) is always strict. Otherwise tensors of
+                another shape keep their initialisation, with a warning, as fine-tuning to other classes needs.
+        """
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.strict = strict
+        self._loading = ("", strict)
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        bad = [k for k, v in data["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
+            raise FloatingPointError(
+                f"Not saving {save_file}: the weights hold NaN or inf ({_examples(bad)}). "
+                f"The last good checkpoint is {last}."
+            )
+        # Leftovers of writes that a kill interrupted.
+        for partial in glob.glob(os.path.join(glob.escape(self.save_dir), f".*{_PARTIAL}")):
+            os.remove(partial)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
+
+    def last_iteration(self) -> int:
+        """The iteration stored in the checkpoint that ``last_checkpoint`` names (-1 if none), read without
+        loading its tensors."""
+        if not self.has_checkpoint():
+            return -1
+        return int(torch.load(self.get_checkpoint_file(), map_location="cpu", mmap=True).get("iteration", -1))
+
+    def load(self, path: str, checkpointables=None):
+        # fvcore's resume_or_load passes checkpointables=None when resuming and [] when only loading weights.
+        self._loading = (path, self.strict or checkpointables is None)
+        return super().load(path, checkpointables=checkpointables)
+
+    def _load_model(self, checkpoint):
+        num_in_checkpoint = len(checkpoint["model"])
+        model_keys = list(self.model.state_dict())
+        incompatible = super()._load_model(checkpoint)
+        path, strict = self._loading
+        shapes, missing = incompatible.incorrect_shapes, incompatible.missing_keys
+        unexpected = incompatible.unexpected_keys
+        if num_in_checkpoint - len(unexpected) - len(shapes) <= 0 < len(model_keys):
+            raise ValueError(
+                f"No tensor of {path} fits the model: it holds {_examples(unexpected)}, the model has "
+                f"{_examples(model_keys)}. It is a checkpoint of another architecture, or needs converting first "
+                "(tools/convert_mmdet_to_d2.py for mmdetection TOOD weights, tools/convert_torchvision_resnet.py "
+                "for torchvision ResNets)."
+            )
+        if not (shapes or (strict and (missing or unexpected))):
+            return incompatible
+        lines = [f"Checkpoint {path} does not fit the model built from the config:", *_shapes(shapes)]
+        if len(shapes) > _LISTED:
+            lines.append(f"  ... {len(shapes) - _LISTED} more tensors of other shapes")
+        if missing:
+            lines.append(f"  not in the checkpoint: {_examples(missing)}")
+        if unexpected:
+            lines.append(f"  not in the model: {_examples(unexpected)}")
+        classes = {c[0] for k, c, _ in shapes if k.endswith("cls_score.weight")}
+        if classes:
+            lines.append(
+                f"Its classifier predicts {classes.pop()} classes: to use it as it is, set model.num_classes to that; "
+                f"to train another number of classes from it, use train.init_checkpoint={path} with a new "
+                "train.output_dir (the classifier is then initialised afresh)."
+            )
+        else:
+            lines.append(
+                "It was saved from another model: use the config (and overrides) it was trained with, or a new "
+                "train.output_dir when this config is meant."
+            )
+        if strict:
+            raise ValueError("\n".join(lines))
+        self.logger.warning("\n".join(lines + ["The tensors of other shapes keep their initialisation."]))
+        return incompatible
