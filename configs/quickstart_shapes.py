@@ -3,6 +3,12 @@
 A half-width ResNet-18 (trainable BN, no pretrained weights exist here), a 64-channel FPN and a 4 x 64 T-Head,
 320 px images, batch 8. ``train.max_iter`` is the one knob of the time budget: the learning-rate steps, the
 ATSS -> TAL switch and the final evaluation follow it (tools/quickstart.py --max-iter N).
+
+Two choices differ from the COCO recipe, both measured here for 700 iterations from scratch (box AP on
+tood_shapes_val): SGD lr 0.02 gave 4.3 AP; the alignment map M starting at sigmoid(M) = 0.5 instead of 0.01
+gave 5.9; AdamW (lr 1e-3, weight decay 0.05) on top gave 22.7. With SGD the class logits saturate at every object
+location while sigmoid(M) stays small, so P = sqrt(sigmoid(logits) * sigmoid(M)) is small for every class and the
+loss that separates the classes (weighted by P^2) barely acts.
 """
 
 # ruff: noqa: F401  (a LazyConfig file exports the names it imports)
@@ -16,7 +22,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from .common.data.coco import dataloader
 from .common.models.tood import model
-from .common.optim import SGD as optimizer
+from .common.optim import AdamW as optimizer
 from .common.train import train
 
 # BatchNorm over the whole batch, also when it is split across processes (plain BN in one process).
@@ -47,6 +53,7 @@ model.backbone.top_block.out_channels = FPN_CHANNELS
 model.head.input_shape = [ShapeSpec(channels=FPN_CHANNELS)] * 5
 model.head.feat_channels = 64
 model.head.stacked_convs = 4
+model.head.alignment_prior_prob = 0.5
 model.num_classes = 6
 
 dataloader.train.dataset.names = "tood_shapes_train"
@@ -60,9 +67,8 @@ dataloader.train.total_batch_size = 8
 dataloader.train.num_workers = 0
 dataloader.test.num_workers = 0
 
-optimizer.lr = 0.02
 
-train.max_iter = 700
+train.max_iter = 1300
 train.init_checkpoint = ""
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 300

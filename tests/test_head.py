@@ -493,3 +493,20 @@ def test_head_without_norm_has_conv_biases_and_maps():
         head.cls_decomp.reduction.bias.normal_()
         cls_scores, _ = head(_small_features())
     assert all(torch.isfinite(c).all() for c in cls_scores)
+
+
+def test_alignment_prior_is_configurable_and_defaults_to_the_reference():
+    shapes = [ShapeSpec(channels=8)] * 2
+    default = TOODHead(input_shape=shapes, num_classes=3, feat_channels=8, stacked_convs=2, strides=(8, 16), norm="")
+    torch.testing.assert_close(default.alignment_map.predict.bias, default.cls_score.bias[:1])
+    head = TOODHead(
+        input_shape=shapes,
+        num_classes=3,
+        feat_channels=8,
+        stacked_convs=2,
+        strides=(8, 16),
+        norm="",
+        alignment_prior_prob=0.5,
+    )
+    assert torch.all(head.alignment_map.predict.bias == 0.0)  # sigmoid(0) = 0.5
+    assert torch.allclose(head.cls_score.bias.sigmoid(), torch.tensor(0.01))

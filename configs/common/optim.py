@@ -15,3 +15,11 @@ SGD = L(torch.optim.SGD)(
     momentum=0.9,
     weight_decay=1e-4,
 )
+
+# From-scratch training on small data (configs/quickstart_shapes.py): converges far faster than SGD there.
+# Weight decay is decoupled (AdamW) and spared on norms, as usual for AdamW.
+AdamW = L(torch.optim.AdamW)(
+    params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
+    lr=1e-3,
+    weight_decay=0.05,
+)

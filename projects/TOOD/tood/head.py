@@ -6,7 +6,7 @@ Computes what mmdetection 3.3's ``TOODHead.forward`` computes; parameter names d
 
 import math
 from collections import OrderedDict
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,7 @@ class TOODHead(nn.Module):
         stacked_convs: int = 6,
         norm: Union[str, Callable[[int], nn.Module]] = "GN",
         prior_prob: float = 0.01,
+        alignment_prior_prob: Optional[float] = None,
         strides: Sequence[int] = (8, 16, 32, 64, 128),
         anchor_type: str = "anchor_free",
         octave_base_scale: float = 8,
@@ -144,7 +145,11 @@ class TOODHead(nn.Module):
             stacked_convs: number of task-interactive convs (L).
             norm: normalisation after the interactive and reduction convs, see :func:`detectron2.layers.get_norm`
                 ("GN" is GroupNorm with 32 groups); convs get a bias only when it is empty.
-            prior_prob: initial foreground probability of both the classifier and the alignment map.
+            prior_prob: initial foreground probability of the classifier, and of the alignment map unless
+                ``alignment_prior_prob`` is given.
+            alignment_prior_prob: initial sigmoid of the alignment map M (default: ``prior_prob``, the reference).
+                With P = sqrt(sigmoid(logits) * sigmoid(M)), a small sigmoid(M) keeps every P small, and with it the
+                loss that separates the classes at object locations; a higher start helps short from-scratch runs.
             strides: stride of each input level.
             anchor_type: "anchor_free" (boxes from exp distances to the location) or "anchor_based" (delta-xywh on
                 the square prior of side ``octave_base_scale * stride``).
@@ -193,10 +198,11 @@ class TOODHead(nn.Module):
         self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides)
         # Prior points per (H, W, stride, device, dtype); a plain dict so it stays out of the state dict.
         self._prior_cache: Dict[tuple, Tensor] = {}
-        self._init_weights(prior_prob)
+        self._init_weights(prior_prob, prior_prob if alignment_prior_prob is None else alignment_prior_prob)
 
-    def _init_weights(self, prior_prob: float) -> None:
+    def _init_weights(self, prior_prob: float, alignment_prior_prob: float) -> None:
         prior_bias = -math.log((1 - prior_prob) / prior_prob)
+        alignment_bias = -math.log((1 - alignment_prior_prob) / alignment_prior_prob)
         for conv in self.inter_convs:
             _normal_init(conv, std=0.01)
         for decomp in (self.cls_decomp, self.reg_decomp):
@@ -204,7 +210,7 @@ class TOODHead(nn.Module):
             _normal_init(decomp.layer_attention.fc2, std=0.001)
             _normal_init(decomp.reduction, std=0.01)
         _normal_init(self.alignment_map.reduce, std=0.01)
-        _normal_init(self.alignment_map.predict, std=0.01, bias=prior_bias)
+        _normal_init(self.alignment_map.predict, std=0.01, bias=alignment_bias)
         _normal_init(self.offset_map.reduce, std=0.001)
         _normal_init(self.offset_map.predict, std=0.001)
         _normal_init(self.cls_score, std=0.01, bias=prior_bias)
