@@ -24,6 +24,7 @@ __all__ = ["TOODHead", "TaskDecomposition", "decode_delta_xywh"]
 # above, so it decodes strongly shrinking deltas differently and is not used.
 DELTA_XYWH_STDS = (0.1, 0.1, 0.2, 0.2)
 MAX_LOG_SIZE_RATIO = abs(math.log(16 / 1000))
+MAX_LOG_DISTANCE = math.log(1e6)
 
 
 def decode_delta_xywh(deltas: Tensor, anchors: Tensor) -> Tensor:
@@ -308,7 +309,8 @@ class TOODHead(nn.Module):
         if self.anchor_type == "anchor_free":
             # Centres divided by the stride are the integer grid (centre offset 0).
             centers = (points / stride).t().reshape(2, h, w)
-            distances = scale(reg.exp())  # (l, t, r, b)
+            # (l, t, r, b); the clamp (a million strides) only keeps a diverging run's boxes finite.
+            distances = scale(reg.clamp(max=MAX_LOG_DISTANCE).exp())
             return torch.cat([centers - distances[:, :2], centers + distances[:, 2:]], dim=1)
         anchors = level_boxes(points, stride, self.octave_base_scale).t().reshape(4, h, w)
         return decode_delta_xywh(scale(reg), anchors) / stride

@@ -66,7 +66,10 @@ def giou_loss(pred: Tensor, target: Tensor, eps: float = IOU_EPS) -> Tensor:
     """
     iou, union = paired_box_iou(pred, target, eps)
     enclose_wh = (torch.max(pred[..., 2:], target[..., 2:]) - torch.min(pred[..., :2], target[..., :2])).clamp(min=0)
-    enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
+    # Capping the areas at the largest float changes no finite value and keeps inf - inf out of diverging runs.
+    largest = torch.finfo(enclose_wh.dtype).max
+    enclose = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps, max=largest)
+    union = union.clamp(max=largest)
     return 1 - (iou - (enclose - union) / enclose)
 
 
