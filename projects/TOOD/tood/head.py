@@ -219,13 +219,15 @@ class TOODHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
-        """Reads the cfg.MODEL.TOOD keys that are present; absent ones keep the constructor's defaults."""
+        """Arguments from ``cfg.MODEL.TOOD`` (see :func:`tood.config.add_tood_config`); absent keys keep the
+        constructor's defaults. The strides are those of ``input_shape``."""
         keys = {
             "NUM_CLASSES": "num_classes",
             "FEAT_CHANNELS": "feat_channels",
             "NUM_CONVS": "stacked_convs",
             "NORM": "norm",
             "PRIOR_PROB": "prior_prob",
+            "ALIGNMENT_PRIOR_PROB": "alignment_prior_prob",
             "ANCHOR_TYPE": "anchor_type",
             "OCTAVE_BASE_SCALE": "octave_base_scale",
             "NUM_DCN": "num_dcn",

@@ -12,6 +12,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.utils import comm
 from torch import Tensor, nn
 
@@ -107,10 +108,11 @@ class TOODLoss(nn.Module):
     """Task alignment learning: assignment, targets and losses of TOOD from flattened head outputs.
 
     Flattened layout: anchors of all levels concatenated, each level row-major over (y, x) (see ``priors.py``).
-    Every argument is keyword-configurable, e.g. from a LazyConfig ``L(TOODLoss)(num_classes=80, tal_topk=13)``.
-    It has no parameters.
+    Every argument is keyword-configurable, e.g. from a LazyConfig ``L(TOODLoss)(num_classes=80, tal_topk=13)``,
+    or read from a yacs config: ``TOODLoss(cfg)``. It has no parameters.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -147,6 +149,26 @@ class TOODLoss(nn.Module):
         self.qfl_beta = qfl_beta
         self.cls_weight = cls_weight
         self.bbox_weight = bbox_weight
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Arguments from ``cfg.MODEL.TOOD`` (see :func:`tood.config.add_tood_config`); absent keys keep the
+        constructor's defaults."""
+        keys = {
+            "NUM_CLASSES": "num_classes",
+            "ATSS_TOPK": "atss_topk",
+            "TAL_TOPK": "tal_topk",
+            "TAL_ALPHA": "alpha",
+            "TAL_BETA": "beta",
+            "FOCAL_LOSS_ALPHA": "focal_alpha",
+            "FOCAL_LOSS_GAMMA": "focal_gamma",
+            "QFL_BETA": "qfl_beta",
+            "CLS_LOSS_WEIGHT": "cls_weight",
+            "BBOX_REG_LOSS_WEIGHT": "bbox_weight",
+            "ASSIGNER_MEMORY_BUDGET_MB": "memory_budget_mb",
+        }
+        node = cfg.MODEL.TOOD
+        return {arg: node[key] for key, arg in keys.items() if key in node}
 
     def forward(
         self,

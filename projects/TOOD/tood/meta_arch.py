@@ -5,13 +5,17 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.config import configurable
 from detectron2.layers import batched_nms
-from detectron2.modeling import Backbone
+from detectron2.modeling import Backbone, build_backbone
 from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
+
+from .head import TOODHead
+from .losses import TOODLoss
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +29,7 @@ class TOOD(DenseDetector):
     resumed run continues in the phase it was in.
     """
 
+    @configurable
     def __init__(
         self,
         *,
@@ -33,7 +38,7 @@ class TOOD(DenseDetector):
         criterion: nn.Module,
         head_in_features: Optional[List[str]] = None,
         num_classes: int,
-        tal_start_iter: int,
+        tal_start_iter: Optional[int] = None,
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.6,
@@ -48,7 +53,8 @@ class TOOD(DenseDetector):
             head: :class:`tood.head.TOODHead`.
             criterion: :class:`tood.losses.TOODLoss`, the assigners and losses of Task Alignment Learning.
             num_classes: number of foreground classes.
-            tal_start_iter: first iteration trained with the task-aligned assigner (earlier ones use ATSS).
+            tal_start_iter: first iteration trained with the task-aligned assigner (earlier ones use ATSS). Only
+                training needs it: None builds a model for inference, whose training raises an error.
             test_score_thresh: keep (location, class) pairs scoring above this (strict), per level.
             test_topk_candidates: then keep at most this many pairs per level.
             test_nms_thresh: class-wise NMS IoU threshold.
@@ -59,13 +65,35 @@ class TOOD(DenseDetector):
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.criterion = criterion
         self.num_classes = num_classes
-        self.tal_start_iter = int(tal_start_iter)
+        self.tal_start_iter = None if tal_start_iter is None else int(tal_start_iter)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.input_format = input_format
         self._logged_phase = None
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Arguments from a Detectron2 config extended by :func:`tood.config.add_tood_config`."""
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        feature_shapes = [backbone_shape[f] for f in cfg.MODEL.TOOD.IN_FEATURES]
+        return {
+            "backbone": backbone,
+            "head": TOODHead(cfg, feature_shapes),
+            "criterion": TOODLoss(cfg),
+            "head_in_features": cfg.MODEL.TOOD.IN_FEATURES,
+            "num_classes": cfg.MODEL.TOOD.NUM_CLASSES,
+            "tal_start_iter": cfg.MODEL.TOOD.TAL_START_ITER,
+            "test_score_thresh": cfg.MODEL.TOOD.SCORE_THRESH_TEST,
+            "test_topk_candidates": cfg.MODEL.TOOD.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": cfg.MODEL.TOOD.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
 
     def _flatten(self, predictions) -> Tuple[Tensor, Tensor, List[Tuple[int, int]]]:
         """Per-level head outputs -> ``(N, A, K)`` probabilities, ``(N, A, 4)`` xyxy pixels, level sizes."""
@@ -75,6 +103,13 @@ class TOOD(DenseDetector):
         return scores, boxes, [tuple(x.shape[-2:]) for x in cls_scores]
 
     def _use_task_alignment(self) -> bool:
+        if self.tal_start_iter is None:
+            raise ValueError(
+                "TOOD was built without tal_start_iter, the first iteration trained with task-aligned assignment "
+                "(ATSS before it); training needs it. Set MODEL.TOOD.TAL_START_ITER (YAML config) or "
+                "model.tal_start_iter (LazyConfig): the reference uses 4 of 12 epochs, e.g. 29320 of the 87960 "
+                "iterations of configs/COCO-Detection/tood_R_50_FPN_1x.yaml."
+            )
         it = get_event_storage().iter
         tal = it >= self.tal_start_iter
         if self._logged_phase != tal:
