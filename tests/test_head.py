@@ -16,7 +16,7 @@ from torchvision.ops import deform_conv2d
 from tood.head import DELTA_XYWH_STDS, MAX_LOG_SIZE_RATIO, TOODHead, decode_delta_xywh
 from tood.layers import ModulatedDeformConv2d, align_boxes, sigmoid_geometric_mean
 from tood.mmdet_names import (
-    HeadStateDictMismatch,
+    CheckpointMismatch,
     convert_head_state_dict_to_mmdet,
     convert_mmdet_head_state_dict,
 )
@@ -454,7 +454,7 @@ def test_mapping_refuses_unknown_key(mmdet_small_sd):
     head, sd = mmdet_small_sd
     for extra in ("bbox_head.tood_cls.weight", "inter_convs.3.conv.weight", "inter_convs.0.conv.conv_offset.weight"):
         bad = dict(sd, **{extra: torch.zeros(1)})
-        with pytest.raises(HeadStateDictMismatch, match="unknown keys") as err:
+        with pytest.raises(CheckpointMismatch, match="unknown keys") as err:
             convert_mmdet_head_state_dict(bad, head)
         assert err.value.unknown == [extra] and extra in str(err.value)
 
@@ -462,21 +462,21 @@ def test_mapping_refuses_unknown_key(mmdet_small_sd):
 def test_mapping_refuses_missing_key(mmdet_small_sd):
     head, sd = mmdet_small_sd
     bad = {k: v for k, v in sd.items() if k != "tood_reg.bias"}
-    with pytest.raises(HeadStateDictMismatch, match=r"missing keys \(1\): bbox_pred\.bias \(mmdet: tood_reg\.bias\)"):
+    with pytest.raises(CheckpointMismatch, match=r"missing keys \(1\): bbox_pred\.bias \(mmdet: tood_reg\.bias\)"):
         convert_mmdet_head_state_dict(bad, head)
 
 
 def test_mapping_refuses_wrong_shape(mmdet_small_sd):
     head, sd = mmdet_small_sd
     bad = dict(sd, **{"tood_cls.weight": torch.zeros(6, 64, 3, 3)})  # 6 classes for a 5-class head
-    with pytest.raises(HeadStateDictMismatch, match=r"wrong shapes \(1\): tood_cls\.weight \(6, 64, 3, 3\)"):
+    with pytest.raises(CheckpointMismatch, match=r"wrong shapes \(1\): tood_cls\.weight \(6, 64, 3, 3\)"):
         convert_mmdet_head_state_dict(bad, head)
 
 
 def test_reverse_mapping_refuses(mmdet_small_sd):
     head, _ = mmdet_small_sd
     ours = head.state_dict()
-    with pytest.raises(HeadStateDictMismatch) as err:
+    with pytest.raises(CheckpointMismatch) as err:
         convert_head_state_dict_to_mmdet(
             dict({k: v for k, v in ours.items() if k != "scales.1.scale"}, **{"extra.weight": torch.zeros(1)}), head
         )

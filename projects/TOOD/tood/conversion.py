@@ -4,7 +4,7 @@ Accepted: mmdetection 3.x checkpoints (``state_dict`` + ``meta`` with the config
 mmdetection 2.x model-zoo files (``meta["config"]``), the authors' mmdetection 2.14-era files (fcjian/TOOD, whose
 head names its layer-attention and alignment convs differently) and bare state dicts of any of these.
 
-The mapping, part by part:
+The mapping (the tables of :mod:`tood.mmdet_names`), part by part:
 
 * backbone (mmdet's ResNet / ResNeXt use torchvision's names): ``backbone.conv1`` / ``backbone.bn1`` ->
   ``backbone.bottom_up.stem.conv1(.norm)``; ``backbone.layerK.i.convJ`` / ``.bnJ`` -> ``resN.i.convJ(.norm)`` with
@@ -12,7 +12,7 @@ The mapping, part by part:
   ``conv2_offset`` (:class:`tood.backbone_dcn.DeformBottleneckBlock`); BN step counters are dropped.
 * neck (mmdet's FPN, ``start_level=1``, ``add_extra_convs="on_output"``): ``lateral_convs.{0,1,2}`` ->
   ``fpn_lateral{3,4,5}``, ``fpn_convs.{0,1,2}`` -> ``fpn_output{3,4,5}``, ``fpn_convs.{3,4}`` -> ``top_block.p6/p7``.
-* head: ``bbox_head.*`` -> ``head.*`` through :mod:`tood.mmdet_names`.
+* head: ``bbox_head.*`` -> ``head.*`` (:data:`tood.mmdet_names.HEAD_NAME_MAP`, and the authors' names).
 
 Every tensor keeps its shape and values; a checkpoint with a tensor that has no place in the model, a missing
 tensor or a wrong shape is refused with all culprits named.
@@ -22,7 +22,7 @@ import ast
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -32,7 +32,13 @@ from torch import Tensor, nn
 from .backbone import LastLevelP6P7NoReLU
 from .backbone_dcn import make_resnet_stages
 from .head import TOODHead
-from .mmdet_names import HeadStateDictMismatch, convert_mmdet_head_state_dict
+from .mmdet_names import (
+    AUTHORS_HEAD_NAME_MAP,
+    MMDET_TOOD_NAME_MAP,
+    RESNET_NAME_MAP,
+    CheckpointMismatch,
+    check_state_dict,
+)
 
 __all__ = [
     "CheckpointMismatch",
@@ -44,46 +50,8 @@ __all__ = [
     "torchvision_resnet_to_detectron2",
 ]
 
-_BN_FIELDS = r"(weight|bias|running_mean|running_var)"
-# torchvision / mmdet ResNet name -> Detectron2 ResNet name (relative to the ResNet).
-_RESNET_RULES: Tuple[Tuple["re.Pattern[str]", str], ...] = tuple(
-    (re.compile(pattern + r"\Z"), replacement)
-    for pattern, replacement in (
-        (r"conv1\.weight", r"stem.conv1.weight"),
-        (rf"bn1\.{_BN_FIELDS}", r"stem.conv1.norm.\1"),
-        (r"layer(?P<stage>\d)\.(\d+)\.conv(\d)\.weight", r"res{stage}.\2.conv\3.weight"),
-        (rf"layer(?P<stage>\d)\.(\d+)\.bn(\d)\.{_BN_FIELDS}", r"res{stage}.\2.conv\3.norm.\4"),
-        (r"layer(?P<stage>\d)\.(\d+)\.downsample\.0\.weight", r"res{stage}.\2.shortcut.weight"),
-        (rf"layer(?P<stage>\d)\.(\d+)\.downsample\.1\.{_BN_FIELDS}", r"res{stage}.\2.shortcut.norm.\3"),
-        (r"layer(?P<stage>\d)\.(\d+)\.conv2\.conv_offset\.(weight|bias)", r"res{stage}.\2.conv2_offset.\3"),
-    )
-)
 # Tensors with no counterpart in a detection backbone: BN step counters and torchvision's ImageNet classifier.
 _RESNET_DROPPED = re.compile(r"(.*\.)?num_batches_tracked\Z|fc\.(weight|bias)\Z")
-
-# mmdet FPN name (without "neck.") -> ours (without "backbone."), for TOOD's FPN over C3-C5 with P6/P7 on P5.
-_NECK_RULES: Tuple[Tuple["re.Pattern[str]", str], ...] = tuple(
-    (re.compile(pattern + r"\Z"), replacement)
-    for pattern, replacement in (
-        (r"lateral_convs\.([0-2])\.conv\.(weight|bias)", "fpn_lateral{level}.\\2"),
-        (r"fpn_convs\.([0-2])\.conv\.(weight|bias)", "fpn_output{level}.\\2"),
-        (r"fpn_convs\.3\.conv\.(weight|bias)", r"top_block.p6.\1"),
-        (r"fpn_convs\.4\.conv\.(weight|bias)", r"top_block.p7.\1"),
-    )
-)
-
-# The authors' head (fcjian/TOOD, mmdetection 2.14) -> mmdetection's names; everything else is named alike.
-_AUTHORS_HEAD_NAMES: Tuple[Tuple["re.Pattern[str]", str], ...] = tuple(
-    (re.compile(pattern), replacement)
-    for pattern, replacement in (
-        (r"^(cls|reg)_decomp\.la_conv1\.", r"\1_decomp.layer_attention.0."),
-        (r"^(cls|reg)_decomp\.la_conv2\.", r"\1_decomp.layer_attention.2."),
-        (r"^cls_prob_conv1\.", "cls_prob_module.0."),
-        (r"^cls_prob_conv2\.", "cls_prob_module.2."),
-        (r"^reg_offset_conv1\.", "reg_offset_module.0."),
-        (r"^reg_offset_conv2\.", "reg_offset_module.2."),
-    )
-)
 
 # Parameters that identify other mmdetection detectors, to say what a refused checkpoint looks like.
 _OTHER_DETECTORS: Tuple[Tuple[str, str], ...] = (
@@ -99,23 +67,6 @@ _OTHER_DETECTORS: Tuple[Tuple[str, str], ...] = (
 _DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}
 _NUM_LEVELS = 5  # P3-P7
 _STRIDES = (8, 16, 32, 64, 128)
-
-
-class CheckpointMismatch(ValueError):
-    """Tensors that do not fit the target model; ``unknown``, ``missing`` and ``wrong_shape`` name them."""
-
-    def __init__(self, what: str, unknown: Sequence[str], missing: Sequence[str], wrong_shape: Sequence[str]):
-        self.unknown, self.missing, self.wrong_shape = list(unknown), list(missing), list(wrong_shape)
-        parts = [
-            f"{label} ({len(names)}): {', '.join(names)}"
-            for label, names in (
-                ("unknown tensors (no rule, or no place in the model)", self.unknown),
-                ("missing tensors", self.missing),
-                ("wrong shapes", self.wrong_shape),
-            )
-            if names
-        ]
-        super().__init__(f"{what}: " + "; ".join(parts))
 
 
 @dataclass
@@ -167,16 +118,6 @@ class ConversionReport:
         return "\n".join(lines + self.notes)
 
 
-def _rename(name: str, rules) -> Optional[str]:
-    for pattern, replacement in rules:
-        match = pattern.match(name)
-        if match:
-            stage = match.groupdict().get("stage")
-            out = match.expand(replacement)
-            return out.replace("{stage}", str(int(stage) + 1)) if stage is not None else out
-    return None
-
-
 def torchvision_resnet_to_detectron2(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """Rename a torchvision-style ResNet / ResNeXt state dict (also mmdetection's ResNet) to Detectron2's names.
 
@@ -192,18 +133,17 @@ def torchvision_resnet_to_detectron2(state_dict: Mapping[str, Tensor]) -> Dict[s
     Raises:
         CheckpointMismatch: naming the keys that are not ResNet tensors.
     """
-    out, unknown = {}, []
-    for key, tensor in state_dict.items():
-        if _RESNET_DROPPED.match(key):
-            continue
-        new = _rename(key, _RESNET_RULES)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = tensor
+    named, unknown = RESNET_NAME_MAP.rename_state_dict(
+        {k: v for k, v in state_dict.items() if not _RESNET_DROPPED.match(k)}
+    )
     if unknown:
-        raise CheckpointMismatch("not a torchvision-style ResNet state dict", sorted(unknown), [], [])
-    return out
+        raise CheckpointMismatch(
+            "not a torchvision-style ResNet state dict",
+            sorted(unknown),
+            hint="Expected the tensors of torchvision's or mmdetection's ResNet / ResNeXt (conv1, bn1, "
+            "layerK.i.convJ / bnJ / downsample.{0,1}, fc), as in torchvision's and open-mmlab's ImageNet checkpoints",
+        )
+    return {ours: tensor for ours, (_, tensor) in named.items()}
 
 
 def describe_resnet(state_dict: Mapping[str, Tensor]) -> ResNetSpec:
@@ -313,16 +253,8 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> Tuple[Dict[str, Tensor], Dict[str,
     return dict(state_dict), dict(meta or {})
 
 
-def _authors_to_mmdet(key: str) -> str:
-    """An authors' (fcjian/TOOD) head name -> mmdetection's; other names unchanged."""
-    for pattern, replacement in _AUTHORS_HEAD_NAMES:
-        if pattern.match(key):
-            return pattern.sub(replacement, key, count=1)
-    return key
-
-
 def _source(meta: Mapping[str, Any], head: Mapping[str, Tensor]) -> str:
-    if any(_authors_to_mmdet(k) != k for k in head):
+    if any(AUTHORS_HEAD_NAME_MAP(k) is not None for k in head):
         return "fcjian/TOOD (mmdetection 2.14)"
     if "cfg" in meta:
         return "mmdetection 3.x"
@@ -340,15 +272,6 @@ def _refuse_other_detectors(state_dict: Mapping[str, Tensor], model_cfg: Optiona
     prefixes = sorted({k.split(".")[0] for k in state_dict})
     what = f"it looks like {looks_like[0]}" if looks_like else "it has no bbox_head.tood_cls.weight"
     raise ValueError(f"not a TOOD checkpoint: {what}; top-level modules: {', '.join(prefixes)}")
-
-
-def _rename_neck(key: str) -> Optional[str]:
-    for pattern, replacement in _NECK_RULES:
-        match = pattern.match(key)
-        if match:
-            level = int(match.group(1)) + 3 if "{level}" in replacement else None
-            return match.expand(replacement.replace("{level}", str(level)))
-    return None
 
 
 def _describe_model(model: nn.Module) -> str:
@@ -388,60 +311,29 @@ def convert_mmdet_checkpoint(
     model_cfg = _model_config(meta)
     _refuse_other_detectors(state_dict, model_cfg)
 
-    parts: Dict[str, Dict[str, Tensor]] = {"backbone": {}, "neck": {}, "bbox_head": {}}
-    unknown, dropped = [], []
-    for key, tensor in state_dict.items():
-        prefix, _, rest = key.partition(".")
-        if prefix in parts:
-            parts[prefix][rest] = tensor
-        else:
-            unknown.append(key)
-
-    resnet = {}
-    for key, tensor in parts["backbone"].items():
-        if key.endswith("num_batches_tracked"):
-            dropped.append(f"backbone.{key}")
-            continue
-        new = _rename(key, _RESNET_RULES)
-        if new is None:
-            unknown.append(f"backbone.{key}")
-        else:
-            resnet[new] = tensor
-    ours = {f"backbone.bottom_up.{k}": v for k, v in resnet.items()}
-    for key, tensor in parts["neck"].items():
-        new = _rename_neck(key)
-        if new is None:
-            unknown.append(f"neck.{key}")
-        else:
-            ours[f"backbone.{new}"] = tensor
-    head = {_authors_to_mmdet(k): v for k, v in parts["bbox_head"].items()}
+    dropped = sorted(k for k in state_dict if k.endswith("num_batches_tracked"))
+    kept = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    named, unknown = MMDET_TOOD_NAME_MAP.rename_state_dict(kept)
+    # Head tensors are reported by their names in the checkpoint; backbone and neck tensors by ours, which say the
+    # stage and level (res4.22, top_block.p6) that has no place for them.
+    named = {ours: (given if given.startswith("bbox_head.") else ours, t) for ours, (given, t) in named.items()}
+    prefix = "backbone.bottom_up."
+    resnet = {k[len(prefix) :]: t for k, (_, t) in named.items() if k.startswith(prefix)}
+    head = {k[len("bbox_head.") :]: v for k, v in state_dict.items() if k.startswith("bbox_head.")}
 
     spec = describe_resnet(resnet)
     head_args = _head_args(head)
     reference = model if model is not None else _reference_model(spec, dict(head_args))
-    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    head_missing, head_wrong = [], []
-    try:
-        ours.update({f"head.{k}": v for k, v in convert_mmdet_head_state_dict(head, reference.head).items()})
-    except HeadStateDictMismatch as e:
-        unknown += [f"bbox_head.{k}" for k in e.unknown]
-        head_missing, head_wrong = [f"head.{k}" for k in e.missing], [f"bbox_head.{k}" for k in e.wrong_shape]
-    body = {k: v for k, v in ours.items() if not k.startswith("head.")}
-    unknown += [k for k in body if k not in expected]
-    missing = [k for k in expected if not k.startswith("head.") and k not in body] + head_missing
-    wrong_shape = head_wrong + [
-        f"{k} {tuple(v.shape)} (expected {expected[k]})"
-        for k, v in body.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
-    if unknown or missing or wrong_shape:
-        target = "a TOOD model of that architecture" if model is None else f"the model ({_describe_model(model)})"
-        raise CheckpointMismatch(
-            f"the checkpoint (TOOD with {spec}, {head_args['num_classes']} classes) does not fit {target}",
-            sorted(unknown),
-            sorted(missing),
-            wrong_shape,
-        )
+    target = "a TOOD model of that architecture" if model is None else f"the model ({_describe_model(model)})"
+    check_state_dict(
+        f"the checkpoint (TOOD with {spec}, {head_args['num_classes']} classes) does not fit {target}",
+        named,
+        unknown,
+        {k: tuple(v.shape) for k, v in reference.state_dict().items()},
+        mmdet_names=MMDET_TOOD_NAME_MAP.inverse,
+        hint="Convert for the config whose backbone (depth, ResNeXt groups, DCNv2 stages) and head (classes, DCNv2 "
+        "convs) are the checkpoint's, or without a model to check against the architecture the tensors describe",
+    )
 
     anchor_type = None
     if model_cfg is not None:
@@ -454,9 +346,9 @@ def convert_mmdet_checkpoint(
         )
     classes = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")
     report = ConversionReport(
-        source=_source(meta, parts["bbox_head"]),
-        counts={"backbone": len(resnet), "neck": len(parts["neck"]), "head": len(head)},
-        dropped=sorted(dropped),
+        source=_source(meta, head),
+        counts={"backbone": len(resnet), "neck": sum(k.startswith("neck.") for k in state_dict), "head": len(head)},
+        dropped=dropped,
         backbone=spec,
         num_classes=head_args["num_classes"],
         head_num_dcn=head_args["num_dcn"],
@@ -468,7 +360,7 @@ def convert_mmdet_checkpoint(
             "note: the authors' code uses the aligned box also where its corners crossed; this model, as "
             "mmdetection 3.x, keeps the unaligned box there, so such boxes can differ from the authors' outputs"
         )
-    return ours, report
+    return {ours: tensor for ours, (_, tensor) in named.items()}, report
 
 
 def load_mmdet_checkpoint(path: str) -> Dict[str, Any]:
