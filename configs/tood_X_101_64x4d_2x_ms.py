@@ -1,4 +1,9 @@
-"""TOOD ResNeXt-101-64x4d-FPN, 2x, multi-scale training: 47.6 box AP on COCO val2017."""
+"""TOOD ResNeXt-101-64x4d-FPN, 2x, multi-scale training: 47.6 box AP on COCO val2017.
+
+ImageNet initialisation, the reference's ``open-mmlab://resnext101_64x4d``: download
+https://download.openmmlab.com/pretrain/third_party/resnext101_64x4d-ee2c6f71.pth and convert it with
+``tools/convert_torchvision_resnet.py resnext101_64x4d-ee2c6f71.pth pretrained/resnext101_64x4d_open-mmlab.pkl``.
+"""
 
 # ruff: noqa: F401  (a LazyConfig file exports the names it imports)
 
@@ -15,4 +20,4 @@ model.backbone.bottom_up.stages = L(make_resnet_stages)(
     stride_in_1x1=False,
     norm="FrozenBN",
 )
-train.init_checkpoint = "pretrained/resnext101_64x4d_torchvision.pkl"
+train.init_checkpoint = "pretrained/resnext101_64x4d_open-mmlab.pkl"

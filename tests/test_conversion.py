@@ -159,6 +159,34 @@ def test_torchvision_resnets_map_onto_detectron2_resnets():
         torchvision_resnet_to_detectron2({**torchvision_state, "avgpool.weight": torch.zeros(1)})
 
 
+def open_mmlab_resnext_shapes(depth):
+    """Names and shapes of open-mmlab's ImageNet ResNeXt-64x4d (``open-mmlab://resnext101_64x4d``, the reference's
+    initialisation of its X-101 configs): the official ResNeXt release converted to mmdetection's ResNeXt, whose
+    names are torchvision's; no BN step counters, and the ImageNet classifier, which an ImageNet file may carry."""
+    shapes = mmdet_resnet_shapes(depth, groups=64, base_width=4)
+    shapes = {k: s for k, s in shapes.items() if not k.endswith("num_batches_tracked")}
+    return {**shapes, "fc.weight": (1000, 2048), "fc.bias": (1000,)}
+
+
+def test_open_mmlab_resnext101_64x4d_maps_onto_the_x101_configs():
+    shapes = open_mmlab_resnext_shapes(101)
+    assert shapes["layer1.0.conv2.weight"] == (256, 4, 3, 3)  # 64 groups of 4 channels
+    # torchvision's ResNeXt-101 64x4d has exactly these tensors (and BN step counters): a numerical reference.
+    with torch.device("meta"):
+        torchvision_state = torchvision.models.resnext101_64x4d().state_dict()
+    assert {k: tuple(v.shape) for k, v in torchvision_state.items() if "num_batches" not in k} == shapes
+
+    converted = torchvision_resnet_to_detectron2({k: _shape_only(s) for k, s in shapes.items()})
+    prefix = "backbone.bottom_up."
+    for config in ("tood_X_101_64x4d_2x_ms", "tood_X_101_64x4d_dcnv2_2x_ms"):
+        expected = {
+            k[len(prefix) :]: tuple(v.shape)
+            for k, v in skeleton(config).state_dict().items()
+            if k.startswith(prefix) and "conv2_offset" not in k  # DCNv2 offset convs start at zero
+        }
+        assert {k: tuple(v.shape) for k, v in converted.items()} == expected, config
+
+
 @pytest.fixture(scope="module")
 def oracle_checkpoint(e2e_oracle):
     """The reference detector's checkpoint (state_dict + meta) as mmdetection 3.3 saved it."""

@@ -9,6 +9,7 @@ import pickle
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -17,6 +18,7 @@ from detectron2.config import LazyConfig, instantiate
 from torch import nn
 
 from tests.conftest import REPO_ROOT
+from tests.test_conversion import open_mmlab_resnext_shapes
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 from convert_torchvision_resnet import main  # noqa: E402
@@ -52,12 +54,16 @@ def _torchvision_features(model, x):
     return {"res3": c3, "res4": c4, "res5": model.layer4(c4)}
 
 
-def _convert_and_load(tmp_path, tv_model, config):
-    src, dst = tmp_path / "torchvision.pth", tmp_path / "converted.pkl"
-    torch.save(tv_model.state_dict(), src)
+def _convert_and_load(tmp_path, checkpoint, config, depth=None):
+    """Convert ``checkpoint`` (what the .pth file holds) with the tool and load it as ``train.init_checkpoint`` is
+    loaded into the model of ``config`` (with its ResNet depth changed to ``depth`` if given)."""
+    src, dst = tmp_path / "imagenet.pth", tmp_path / "converted.pkl"
+    torch.save(checkpoint, src)
     main([str(src), str(dst)])
     cfg = LazyConfig.load(str(REPO_ROOT / "configs" / config))
     cfg.model.num_classes = 3  # keep the head small; the backbone is what is under test
+    if depth is not None:
+        cfg.model.backbone.bottom_up.stages.depth = depth
     model = instantiate(cfg.model).eval()
     DetectionCheckpointer(model).load(str(dst))
     return model
@@ -87,10 +93,13 @@ def _assert_loaded(model, tv_model, expected_unloaded=()):
 )
 def test_converted_backbone_computes_torchvision_features(tmp_path, builder, config):
     tv_model = _random_torchvision_model(builder)
-    model = _convert_and_load(tmp_path, tv_model, config)
+    model = _convert_and_load(tmp_path, tv_model.state_dict(), config)
     _assert_loaded(model, tv_model)
+    _assert_computes_torchvision_features(model, tv_model)
 
-    x = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+
+def _assert_computes_torchvision_features(model, tv_model, size=(96, 128)):
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.backbone.bottom_up(x)
         expected = _torchvision_features(tv_model, x)
@@ -102,11 +111,38 @@ def test_converted_backbone_computes_torchvision_features(tmp_path, builder, con
 
 def test_dcn_backbone_takes_all_but_its_offset_convs(tmp_path):
     tv_model = _random_torchvision_model(torchvision.models.resnet101)
-    model = _convert_and_load(tmp_path, tv_model, "tood_R_101_dcnv2_2x_ms.py")
+    model = _convert_and_load(tmp_path, tv_model.state_dict(), "tood_R_101_dcnv2_2x_ms.py")
     _assert_loaded(model, tv_model, expected_unloaded=("conv2_offset.weight", "conv2_offset.bias"))
     # The deformable stages c3-c5 really are deformable (and their offset convs start at zero).
     offsets = [k for k, v in model.backbone.bottom_up.state_dict().items() if "conv2_offset" in k]
     assert offsets and all(k.split(".")[0] in ("res3", "res4", "res5") for k in offsets)
+
+
+def test_open_mmlab_resnext_checkpoint_initialises_the_x101_config(tmp_path):
+    """open-mmlab's ImageNet ResNeXt-64x4d file (the reference's init of its X-101 configs), with mmcv's
+    "state_dict" wrapper or without, converts into the backbone of configs/tood_X_101_64x4d_2x_ms.py, which then
+    computes what torchvision's ResNeXt computes with the same weights. At depth 50 to stay fast: the renaming does
+    not depend on the depth, and test_conversion checks every name and shape at depth 101."""
+    tv_model = _random_torchvision_model(
+        lambda weights: torchvision.models.resnet.ResNet(
+            torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], groups=64, width_per_group=4
+        )
+    )
+    open_mmlab = {k: v for k, v in tv_model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert {k: tuple(v.shape) for k, v in open_mmlab.items()} == open_mmlab_resnext_shapes(50)
+
+    model = _convert_and_load(tmp_path, {"state_dict": open_mmlab}, "tood_X_101_64x4d_2x_ms.py", depth=50)
+    _assert_loaded(model, tv_model)
+    # 64 groups make CPU convolutions slow: a small input (res5 is 2 x 2).
+    _assert_computes_torchvision_features(model, tv_model, size=(64, 64))
+    # The bare state dict gives the same file.
+    with open(tmp_path / "converted.pkl", "rb") as f:
+        wrapped = pickle.load(f)["model"]
+    torch.save(open_mmlab, tmp_path / "bare.pth")
+    main([str(tmp_path / "bare.pth"), str(tmp_path / "bare.pkl")])
+    with open(tmp_path / "bare.pkl", "rb") as f:
+        bare = pickle.load(f)["model"]
+    assert bare.keys() == wrapped.keys() and all(np.array_equal(bare[k], wrapped[k]) for k in bare)
 
 
 def test_checkpoint_wrappers_are_unwrapped(tmp_path):
