@@ -1,10 +1,9 @@
-"""tools/accuracy_study.py and its baseline configs: RetinaNet and FCOS share everything with the TOOD quick start
-but the detector, and the study trains, evaluates, tabulates, plots, resumes and reuses a TOOD run end to end on a
-tiny generated dataset."""
+"""tools/accuracy_study.py's baseline configs: RetinaNet and FCOS share everything with the TOOD quick start but
+the detector; and the study (tood.accuracy_study) trains, evaluates, tabulates, plots, resumes and reuses a TOOD
+run end to end on a tiny generated dataset."""
 
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -12,10 +11,14 @@ from detectron2.config import LazyConfig, instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO_ROOT
+from tood.accuracy_study import run_study
 from tood.data import register_shapes_dataset
 
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import accuracy_study  # noqa: E402
+# The models of tools/accuracy_study.py, in its order.
+MODELS = {
+    name: str(REPO_ROOT / "configs" / f"quickstart_shapes{suffix}.py")
+    for name, suffix in (("TOOD", ""), ("RetinaNet", "_retinanet"), ("FCOS", "_fcos"))
+}
 
 # The quick start's data at 128 px on 6 + 3 generated images, batch 2.
 TINY = [
@@ -47,7 +50,7 @@ def _tree(node):
 
 
 def test_baselines_share_all_but_the_detector():
-    tood, *baselines = (LazyConfig.load(path) for path in accuracy_study.MODELS.values())
+    tood, *baselines = (LazyConfig.load(path) for path in MODELS.values())
     backbone = instantiate(tood.model.backbone)
     for cfg in baselines:
         for key in ("dataloader", "optimizer", "train", "lr_multiplier"):
@@ -72,8 +75,7 @@ def test_study_trains_evaluates_and_reports_three_models(tmp_path, one_thread):
     register_shapes_dataset("study_train", 6, seed=0, image_size=128, root=tmp_path / "data")
     register_shapes_dataset("study_val", 3, seed=1, image_size=128, root=tmp_path / "data")
     out = tmp_path / "study"
-    argv = ["--max-iter", "4", "--eval-period", "2", "--output", str(out), *TINY]
-    results = accuracy_study.main(argv)
+    results = run_study(MODELS, str(out), max_iter=4, eval_period=2, opts=TINY)
 
     assert list(results) == ["TOOD", "RetinaNet", "FCOS"]
     for name, run in results.items():
@@ -93,11 +95,13 @@ def test_study_trains_evaluates_and_reports_three_models(tmp_path, one_thread):
 
     # Run again: every model is finished, so nothing trains and the report is the same.
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
-    assert accuracy_study.main(argv) == results
+    assert run_study(MODELS, str(out), max_iter=4, eval_period=2, opts=TINY) == results
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == mtimes
 
     # TOOD's numbers from an existing run.
     reused = tmp_path / "reused"
-    argv = ["--models", "TOOD", "--tood-run", str(out / "tood"), "--max-iter", "4", "--output", str(reused)]
-    assert accuracy_study.main(argv) == {"TOOD": results["TOOD"]}
+    finished = {"TOOD": str(out / "tood")}
+    assert run_study({"TOOD": MODELS["TOOD"]}, str(reused), max_iter=4, finished_runs=finished) == {
+        "TOOD": results["TOOD"]
+    }
     assert sorted(os.listdir(reused)) == ["ap.png", "results.md"]

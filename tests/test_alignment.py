@@ -1,8 +1,9 @@
 """tood.alignment and tools/analyze_alignment.py: the metrics on hand-made predictions whose answers are known by
-construction, the TOOD / RetinaNet / FCOS adapters against each model's own inference, and the tool end to end on
-a tiny generated dataset with random-weight models."""
+construction, the TOOD / RetinaNet / FCOS adapters against each model's own inference, and the report (the tool
+end to end, and the package's comparison of two models) on a tiny generated dataset with random-weight models."""
 
 import json
+import subprocess
 import sys
 
 import matplotlib.image
@@ -17,6 +18,7 @@ from tests.conftest import REPO_ROOT
 from tood.alignment import (
     AlignmentEvaluator,
     DensePredictions,
+    alignment_report,
     dense_predictions,
     nms_misranks,
     object_alignment,
@@ -24,9 +26,6 @@ from tood.alignment import (
 )
 from tood.data import register_shapes_dataset
 from tood.meta_arch import TOOD
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import analyze_alignment  # noqa: E402
 
 # Tiny random-weight models on the quick start's half-width ResNet-18 + 64-channel FPN, 128 px test images.
 CONFIG = """
@@ -272,9 +271,16 @@ def test_adapter_dispatch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    """4 generated 128 px images registered as alignment_tiny; returns their number of objects."""
-    register_shapes_dataset("alignment_tiny", num_images=4, seed=0, image_size=128, root=tmp_path_factory.mktemp("d"))
+def tiny_dataset_root(tmp_path_factory):
+    """4 generated 128 px images registered as alignment_tiny; returns their root folder."""
+    root = tmp_path_factory.mktemp("d")
+    register_shapes_dataset("alignment_tiny", num_images=4, seed=0, image_size=128, root=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tiny_dataset_root):
+    """The number of objects of alignment_tiny."""
     return sum(len(d["annotations"]) for d in DatasetCatalog.get("alignment_tiny"))
 
 
@@ -294,30 +300,53 @@ def _check_metrics(metrics, num_objects):
     assert 0 <= metrics["nms_misranked"] <= metrics["nms_kept"]
 
 
-def test_tool_single_model(tmp_path, tiny_dataset, capsys):
+def run_tool(*args, cwd):
+    """tools/analyze_alignment.py with ``args`` in a fresh process; returns the CompletedProcess."""
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "analyze_alignment.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_tool_single_model(tmp_path, tiny_dataset_root, tiny_dataset):
+    """The tool end to end, in its own process: its config registers alignment_tiny there."""
     config, weights = _checkpoint(tmp_path, "TOOD")
-    out = tmp_path / "out"
-    results = analyze_alignment.main(
-        ["--config-file", config, "--weights", weights, "--output", str(out), "--num-figures", "2"]
+    registering_config = tmp_path / "registered.py"
+    registering_config.write_text(
+        "from detectron2.config import LazyConfig\n"
+        "from tood.data import register_shapes_dataset\n"
+        f"register_shapes_dataset('alignment_tiny', 4, seed=0, image_size=128, root={str(tiny_dataset_root)!r})\n"
+        f"_base = LazyConfig.load({config!r})\n"
+        "model, dataloader, train = _base.model, _base.dataloader, _base.train\n"
     )
-    saved = json.loads((out / "alignment.json").read_text())
-    assert saved["models"] == results and list(results) == ["tood"]
-    metrics = results["tood"]
+    out = tmp_path / "out"
+    proc = run_tool(
+        "--config-file",
+        str(registering_config),
+        "--weights",
+        weights,
+        "--output",
+        str(out),
+        "--num-figures",
+        "2",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "alignment.json").read_text())["models"]
+    # The model is named after its config file.
+    assert list(results) == ["registered"]
+    metrics = results["registered"]
     _check_metrics(metrics, tiny_dataset)
-    assert any(line.startswith("|") and " tood " in line for line in capsys.readouterr().out.splitlines())
+    assert any(line.startswith("|") and " registered " in line for line in proc.stdout.splitlines())
     assert len(metrics["figures"]) == 2
     for path in [*metrics["figures"], out / "scatter.png"]:
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 100
 
 
-def test_tool_compare(tmp_path, tiny_dataset):
-    specs = []
-    for arch in ("TOOD", "RetinaNet"):
-        config, weights = _checkpoint(tmp_path, arch)
-        specs += ["--compare", f"{arch}={config}:{weights}"]
+def test_report_compares_models(tmp_path, tiny_dataset):
+    models = {arch: _checkpoint(tmp_path, arch) for arch in ("TOOD", "RetinaNet")}
     out = tmp_path / "out"
-    results = analyze_alignment.main([*specs, "--output", str(out), "--max-images", "3", "--num-figures", "1"])
+    results = alignment_report(models, str(out), max_images=3, num_figures=1)
     assert list(results) == ["TOOD", "RetinaNet"]
     for metrics in results.values():
         assert metrics["num_images"] == 3 and len(metrics["figures"]) == 1
@@ -330,13 +359,14 @@ def test_tool_compare(tmp_path, tiny_dataset):
     assert matplotlib.image.imread(out / "scatter.png").shape[1] == 900
 
 
+@pytest.mark.slow  # three processes that import torch and detectron2
 def test_tool_rejects_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit):
-        analyze_alignment.main(["--config-file", "a.py"])
-    with pytest.raises(SystemExit):
-        analyze_alignment.main(["--compare", "no-weights.py"])
-    assert analyze_alignment.parse_compare("R=cfg.py:detectron2://x/model.pkl") == (
-        "R",
-        "cfg.py",
-        "detectron2://x/model.pkl",
-    )
+    for args, message in [
+        (["--config-file", "a.py"], "--config-file and --weights are required"),
+        (["--compare", "no-weights.py"], "expected NAME=CONFIG:WEIGHTS"),
+    ]:
+        proc = run_tool(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    # The weights may be a URL: the spec splits at the first ':' (then the config is not found).
+    proc = run_tool("--compare", "R=cfg.py:detectron2://x/model.pkl", cwd=tmp_path)
+    assert proc.returncode == 1 and "Analysing R: cfg.py with detectron2://x/model.pkl" in proc.stdout, proc.stdout

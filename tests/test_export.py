@@ -7,7 +7,6 @@ keeps). :func:`build_model` scales the classifier's weights by 4 to spread the l
 every image has detections whose scores differ by far more than round-off.
 """
 
-import sys
 from typing import List
 
 import onnx
@@ -19,10 +18,14 @@ from detectron2.structures import Boxes, Instances
 
 from tests.conftest import REPO_ROOT
 from tood.data import generate_dataset
-from tood.export import ONNX_OPSET, ExportedTOOD, PostprocessParams, detection_deviations, export_model
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import export_model as export_tool  # noqa: E402
+from tood.export import (
+    ONNX_OPSET,
+    ExportedTOOD,
+    PostprocessParams,
+    detection_deviations,
+    export_and_verify,
+    export_model,
+)
 
 BOX_ATOL_PX = 0.01
 SCORE_ATOL = 1e-4
@@ -150,11 +153,11 @@ def test_anchor_based_dynamic_size(images, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_tool(image_folder, tmp_path, fmt):
-    """tools/export_model.py on the quick-start model: exports, verifies against PyTorch, times both."""
-    args = ["--config-file", str(REPO_ROOT / "configs" / "quickstart_shapes.py"), "--format", fmt]
-    args += ["--output", str(tmp_path), "--runs", "2", "--sample-image", str(image_folder / "000000.jpg")]
-    report = export_tool.main(export_tool.argument_parser().parse_args(args))
+def test_export_and_verify(image_folder, tmp_path, fmt):
+    """What tools/export_model.py runs, on the quick-start model: exports, verifies against PyTorch, times both."""
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "quickstart_shapes.py"))
+    image = str(image_folder / "000000.jpg")
+    report = export_and_verify(cfg, fmt, str(tmp_path), image_paths=[image], runs=2)
     assert report["ok"]
     assert report["path"] == str(tmp_path / ("model.onnx" if fmt == "onnx" else "model.ts"))
     assert set(report["latency_ms"]) == {"pytorch", fmt} and min(report["latency_ms"].values()) > 0

@@ -16,38 +16,60 @@ needs opset >= 16). The newer ``torch.export``-based ONNX exporter fails on Dete
 
 Input size: the TorchScript module and a ``dynamic=True`` ONNX model take any H, W (the trace records the shape
 arithmetic of padding, feature sizes and priors); a ``dynamic=False`` ONNX model takes only the example's size.
+
+:func:`export_and_verify` (``tools/export_model.py``) exports a LazyConfig model, then checks the exported model's
+detections against the PyTorch model's (:func:`verify_export`) and times both end to end.
 """
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.data.detection_utils import read_image
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
+from .data import DEFAULT_SPLITS, get_shapes_dataset
+from .engine.benchmark import median_times
 from .meta_arch import TOOD
 
 __all__ = [
+    "BOX_TOLERANCE_PX",
     "FORMATS",
     "ONNX_OPSET",
+    "SCORE_TOLERANCE",
     "ExportedTOOD",
     "PostprocessParams",
     "TOODExportWrapper",
+    "build_model",
     "detection_deviations",
+    "export_and_verify",
     "export_model",
     "postprocess",
+    "verification_images",
+    "verify_export",
 ]
+
+logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
 # format -> file written into the output folder.
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 # What a runtime needs besides the graph: format, input, output names, post-processing thresholds.
 METADATA_FILE = "tood_export.json"
+# How far the exported model's detections may be from the PyTorch model's (:func:`verify_export`).
+BOX_TOLERANCE_PX = 0.01
+SCORE_TOLERANCE = 1e-4
 
 
 class TOODExportWrapper(nn.Module):
@@ -241,3 +263,116 @@ def detection_deviations(reference: Instances, other: Instances) -> Dict[str, fl
         return {"count": count, "box": float("inf"), "score": float("inf")}
     score_dev = (reference.scores - other.scores[match]).abs()
     return {"count": count, "box": float(box_dev.max()), "score": float(score_dev.max())}
+
+
+def build_model(cfg, weights: Optional[str] = None) -> TOOD:
+    """``cfg.model`` in eval mode with ``weights`` (DetectionCheckpointer); random weights without them."""
+    # The ATSS warm-up length follows the training schedule; inference does not use it.
+    cfg.model.tal_start_iter = 0
+    model = instantiate(cfg.model).eval()
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    else:
+        logger.warning(
+            "No weights: exporting a randomly initialised model. Its scores sit near the classifier prior, "
+            "so expect no detections; the dense outputs are still compared."
+        )
+    return model
+
+
+def verification_images(
+    cfg, input_format: str, paths: Sequence[str] = (), num_generated: int = 2
+) -> List[Tuple[str, Tensor]]:
+    """(path, (3, H, W) float32 image in ``input_format``) of each of ``paths``, or without them of the first
+    ``num_generated`` generated shapes images (validation seed), resized by the config's test-time augmentations."""
+    if not paths:
+        folder = get_shapes_dataset(num_generated, seed=DEFAULT_SPLITS["tood_shapes_val"][1])
+        paths = sorted(str(p) for p in (folder / "images").iterdir())[:num_generated]
+    augmentations = T.AugmentationList(list(instantiate(cfg.dataloader.test.mapper.augmentations)))
+    images = []
+    for path in paths:
+        aug_input = T.AugInput(read_image(path, format=input_format))
+        augmentations(aug_input)
+        images.append((path, torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))))
+    return images
+
+
+def verify_export(model: TOOD, exported: ExportedTOOD, images: Sequence[Tuple[str, Tensor]]) -> bool:
+    """Whether the exported model's detections equal the PyTorch model's on each of ``images`` ((path, (3, H, W)),
+    a fixed-size model's other sizes skipped): same count and classes, boxes within :data:`BOX_TOLERANCE_PX`,
+    scores within :data:`SCORE_TOLERANCE`. Logs the deviations of each image, and of the dense outputs."""
+    wrapper = TOODExportWrapper(model)
+    ok = True
+    for path, image in images:
+        size = exported.metadata["input_size"]
+        if size is not None and list(image.shape[-2:]) != size:
+            logger.info(f"{path}: skipped, {tuple(image.shape[-2:])} is not the fixed input size {tuple(size)}")
+            continue
+        with torch.no_grad():
+            reference = model([{"image": image}])[0]["instances"]
+            dense_reference = wrapper(image)
+        dense = exported.run(image)
+        num_levels = len(dense) // 2
+        dense_dev = [float((a - b).abs().max()) for a, b in zip(dense, dense_reference)]
+        dev = detection_deviations(reference, postprocess(dense, tuple(image.shape[-2:]), exported.params))
+        same_classes = dev["box"] != float("inf")
+        passed = dev["box"] <= BOX_TOLERANCE_PX and dev["score"] <= SCORE_TOLERANCE
+        ok &= passed
+        logger.info(
+            f"{os.path.basename(path)} {image.shape[1]}x{image.shape[2]}: {dev['count']} detections (PyTorch), "
+            f"{'same count and classes' if same_classes else 'DIFFERENT count or classes'}, "
+            f"max |d box| {dev['box']:.2e} px, max |d score| {dev['score']:.2e}; dense outputs: max |d score| "
+            f"{max(dense_dev[:num_levels]):.2e}, max |d box| {max(dense_dev[num_levels:]):.2e} px "
+            f"-> {'OK' if passed else 'FAILED'}"
+        )
+    return ok
+
+
+def export_and_verify(
+    cfg,
+    fmt: str,
+    output_dir: str,
+    weights: Optional[str] = None,
+    image_paths: Sequence[str] = (),
+    num_generated: int = 2,
+    dynamic: bool = True,
+    num_threads: Optional[int] = None,
+    runs: int = 10,
+) -> Dict:
+    """Exports the model of the LazyConfig ``cfg`` (:func:`build_model`) traced on the first of its
+    :func:`verification_images`, verifies it on all of them (:func:`verify_export`), and times both models end to
+    end (post-processing included) on the first image: median of ``runs`` alternating calls after 2 warm-up calls
+    (TorchScript optimises its graph in the first runs, ONNX Runtime allocates its buffers), on ``num_threads``
+    CPU threads (default: torch's).
+
+    Returns:
+        ``{"path": model file, "ok": verification passed, "latency_ms": {"pytorch": ..., fmt: ...}}``.
+    """
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    num_threads = torch.get_num_threads()
+    model = build_model(cfg, weights)
+    images = verification_images(cfg, model.input_format, image_paths, num_generated)
+
+    start = time.perf_counter()
+    path = export_model(model, images[0][1], output_dir, fmt, dynamic=dynamic)
+    logger.info(f"Exported {fmt} to {path} in {time.perf_counter() - start:.1f}s")
+
+    exported = ExportedTOOD(output_dir, num_threads=num_threads)
+    ok = verify_export(model, exported, images)
+
+    image = images[0][1]
+    with torch.no_grad():
+        seconds = median_times({"pytorch": lambda: model([{"image": image}]), fmt: lambda: exported(image)}, runs, 2)
+    latency = {name: 1000 * s for name, s in seconds.items()}
+    runtime = "ONNX Runtime" if fmt == "onnx" else "TorchScript"
+    logger.info(
+        f"Latency, median of {runs} runs, {num_threads} CPU threads, {image.shape[1]}x{image.shape[2]} input, "
+        f"end to end: PyTorch {latency['pytorch']:.1f} ms, {runtime} {latency[fmt]:.1f} ms "
+        f"(speed-up {latency['pytorch'] / latency[fmt]:.2f}x)"
+    )
+    if not ok:
+        logger.error(
+            f"Verification FAILED: boxes must agree within {BOX_TOLERANCE_PX} px, scores within {SCORE_TOLERANCE}"
+        )
+    return {"path": path, "ok": ok, "latency_ms": latency}
