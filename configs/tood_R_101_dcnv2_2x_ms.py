@@ -5,6 +5,7 @@ training: 49.3 box AP on COCO val2017."""
 
 from detectron2.config import LazyCall as L
 
+from tood.backbone import FrozenStatsBatchNorm2d
 from tood.backbone_dcn import make_resnet_stages
 
 from .tood_R_101_2x_ms import dataloader, lr_multiplier, model, optimizer, train
@@ -13,6 +14,6 @@ model.backbone.bottom_up.stages = L(make_resnet_stages)(
     depth=101,
     deform_on_per_stage=[False, True, True, True],
     stride_in_1x1=False,
-    norm="FrozenBN",
+    norm=FrozenStatsBatchNorm2d,
 )
 model.head.num_dcn = 2

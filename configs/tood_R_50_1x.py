@@ -8,9 +8,14 @@ ImageNet initialisation: tools/convert_torchvision_resnet.py writes pretrained/r
 from .common.data.coco import dataloader
 from .common.models.tood import model
 from .common.optim import SGD as optimizer
+from .common.schedule import COCO_ITERS_PER_EPOCH, epochs
 from .common.schedule import lr_multiplier_1x as lr_multiplier
-from .common.schedule import max_iter_1x
 from .common.train import train
 
-train.max_iter = max_iter_1x
+# Epochs as iterations: configs/common/schedule.py says how one epoch is counted.
+train.iters_per_epoch = COCO_ITERS_PER_EPOCH
+train.max_iter = epochs(12)
+model.tal_start_iter = epochs(4)  # the reference's ATSS warm-up: its head's initial_epoch=4
+train.checkpointer.period = epochs(1)
+train.eval_period = epochs(1)
 train.init_checkpoint = "pretrained/resnet50_torchvision.pkl"

@@ -3,13 +3,8 @@
 # ruff: noqa: F401  (a LazyConfig file exports the names it imports)
 
 from .common.data.coco import dataloader_multiscale as dataloader
-from .common.models.tood import model
-from .common.optim import SGD as optimizer
+from .common.schedule import epochs
 from .common.schedule import lr_multiplier_2x as lr_multiplier
-from .common.schedule import max_iter_2x
-from .common.train import train
+from .tood_R_50_1x import model, optimizer, train
 
-train.max_iter = max_iter_2x
-train.init_checkpoint = "pretrained/resnet50_torchvision.pkl"
-# The reference's ATSS warm-up stays 4 epochs (its head's initial_epoch) in the 24-epoch schedule.
-model.tal_start_iter = "${tood_schedule_fraction:${train.max_iter},4,24}"
+train.max_iter = epochs(24)  # the ATSS warm-up stays 4 epochs

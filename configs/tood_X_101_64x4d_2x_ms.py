@@ -9,6 +9,7 @@ https://download.openmmlab.com/pretrain/third_party/resnext101_64x4d-ee2c6f71.pt
 
 from detectron2.config import LazyCall as L
 
+from tood.backbone import FrozenStatsBatchNorm2d
 from tood.backbone_dcn import make_resnet_stages
 
 from .tood_R_50_2x_ms import dataloader, lr_multiplier, model, optimizer, train
@@ -18,6 +19,6 @@ model.backbone.bottom_up.stages = L(make_resnet_stages)(
     num_groups=64,
     width_per_group=4,
     stride_in_1x1=False,
-    norm="FrozenBN",
+    norm=FrozenStatsBatchNorm2d,
 )
 train.init_checkpoint = "pretrained/resnext101_64x4d_open-mmlab.pkl"

@@ -1,6 +1,9 @@
 """Every LazyConfig of configs/ builds and trains a step on CPU; schedules, optimizer, data pipelines and the
 deformable backbone are the reference's (SPEC sections 1, 5, 7)."""
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,8 @@ from torchvision.ops import deform_conv2d
 
 from tests.conftest import REPO_ROOT
 from tood.backbone_dcn import DeformBottleneckBlock, ModulatedDeformConv
+from tood.data import register_shapes_dataset
+from tood.engine.config_checks import set_epoch_length
 from tood.layers import deform_conv2d_by_sampling
 
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -114,10 +119,11 @@ def test_backbone_and_head_variants(name, depth, groups, deformable_stages, num_
 @pytest.mark.parametrize(
     "name, max_iter, steps, tal_start",
     [
-        ("tood_R_50_1x.py", 90000, (60000, 82500), 30000),  # epochs 8 and 11 of 12, warm-up 4 epochs
-        ("tood_R_50_anchor_based_1x.py", 90000, (60000, 82500), 30000),
-        ("tood_R_50_2x_ms.py", 180000, (120000, 165000), 30000),  # epochs 16 and 22 of 24, warm-up 4 epochs
-        ("tood_X_101_64x4d_dcnv2_2x_ms.py", 180000, (120000, 165000), 30000),
+        # One epoch: ceil(117266 COCO train2017 images with boxes / batch 16) = 7330 iterations.
+        ("tood_R_50_1x.py", 87960, (58640, 80630), 29320),  # epochs 8 and 11 of 12, warm-up 4 epochs
+        ("tood_R_50_anchor_based_1x.py", 87960, (58640, 80630), 29320),
+        ("tood_R_50_2x_ms.py", 175920, (117280, 161260), 29320),  # epochs 16 and 22 of 24, warm-up 4 epochs
+        ("tood_X_101_64x4d_dcnv2_2x_ms.py", 175920, (117280, 161260), 29320),
     ],
 )
 def test_schedule_and_optimizer(name, max_iter, steps, tal_start):
@@ -132,8 +138,10 @@ def test_schedule_and_optimizer(name, max_iter, steps, tal_start):
         return multiplier(it / max_iter)
 
     assert lr(0) == pytest.approx(0.001)
-    assert lr(250) == pytest.approx(0.001 + 0.999 * 0.5)  # linear warm-up over 500 iterations
-    assert lr(500) == pytest.approx(1.0)
+    # Linear warm-up as mmengine's LinearLR(end=500): the full rate at iteration 499.
+    assert lr(250) == pytest.approx(0.001 + 0.999 * 250 / 499)
+    assert lr(498) < 1.0
+    assert lr(499) == pytest.approx(1.0)
     assert lr(steps[0] - 1) == pytest.approx(1.0)
     assert lr(steps[0]) == pytest.approx(0.1)
     assert lr(steps[1] - 1) == pytest.approx(0.1)
@@ -243,3 +251,23 @@ def test_deformable_block_runs_under_cpu_autocast():
         out = block(torch.randn(1, 32, 8, 8))
     out.float().sum().backward()
     assert block.conv2.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("overridden", [False, True])
+def test_a_user_dataset_gets_its_own_epoch_length(tmp_path, overridden):
+    """The zoo's schedule counts epochs: on a dataset of N images with boxes at batch 16, one epoch is ceil(N / 16)
+    iterations, and the end, the LR steps and the ATSS warm-up follow; a value given on the command line is kept."""
+    folder = register_shapes_dataset("epoch_shapes", num_images=50, seed=3, image_size=64, root=tmp_path)
+    cfg = load("tood_R_50_1x.py")
+    cfg.dataloader.train.dataset.names = "epoch_shapes"
+    set_epoch_length(cfg, ["train.iters_per_epoch=7330"] if overridden else [])
+    if overridden:
+        assert (cfg.train.iters_per_epoch, cfg.train.max_iter, cfg.model.tal_start_iter) == (7330, 87960, 29320)
+        return
+    with open(folder / "annotations.json") as f:
+        annotations = json.load(f)["annotations"]
+    num_images = len({a["image_id"] for a in annotations})  # images with at least one box (filter_empty)
+    assert 0 < num_images < 50
+    epoch = math.ceil(num_images / 16)
+    assert (cfg.train.iters_per_epoch, cfg.train.max_iter, cfg.model.tal_start_iter) == (epoch, 12 * epoch, 4 * epoch)
+    assert list(cfg.lr_multiplier.milestones) == [8 * epoch, 11 * epoch]

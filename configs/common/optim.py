@@ -1,20 +1,15 @@
-"""SGD as the reference: lr 0.01 for a total batch of 16, momentum 0.9, weight decay 1e-4.
-
-mmdetection applies the weight decay to every parameter (no ``paramwise_cfg`` in TOOD's configs): norms,
-biases and the per-level scales included, so no group gets an override here.
-"""
+"""Optimizers: Detectron2's ``common/optim.py`` SGD set as the reference's, and AdamW for small from-scratch runs."""
 
 import torch
+from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.solver.build import get_default_optimizer_params
 
-SGD = L(torch.optim.SGD)(
-    # params.model is set to the model before the optimizer is instantiated (tools/train_net.py).
-    params=L(get_default_optimizer_params)(),
-    lr=0.01,
-    momentum=0.9,
-    weight_decay=1e-4,
-)
+# The reference: lr 0.01 for a total batch of 16, momentum 0.9, weight decay 1e-4 on every parameter (no
+# paramwise_cfg in mmdetection's TOOD configs: norms, biases and the per-level scales too), hence no norm override.
+SGD = model_zoo.get_config("common/optim.py").SGD
+SGD.lr = 0.01
+SGD.params.weight_decay_norm = None
 
 # From-scratch training on small data (configs/quickstart_shapes.py): converges far faster than SGD there.
 # Weight decay is decoupled (AdamW) and spared on norms, as usual for AdamW.

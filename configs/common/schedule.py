@@ -1,33 +1,43 @@
-"""Step learning-rate schedules of the reference, in iterations of a total batch of 16.
+"""The reference's schedules (counted in epochs) in iterations.
 
-One COCO epoch is ~7330 iterations at batch 16; as Detectron2, 12 epochs ("1x") are 90k iterations. The
-schedulers are scale-invariant (milestones and warm-up are fractions of ``num_updates``): overriding
-``train.max_iter`` stretches or shrinks the whole schedule, as it does the ATSS warm-up of the model.
+The rule (mmdetection's sampler): one epoch is ``ceil(N / total batch)`` iterations, N being the training images
+drawn from (with ``filter_empty``, those with at least one box). Its 8 GPUs x 2 images give
+``ceil(ceil(N / 8) / 2)``, the same number. COCO train2017: N = 117,266 at batch 16 -> 7330 iterations.
+
+``train.iters_per_epoch`` holds that number and every length of the schedule interpolates it (the ATSS warm-up,
+the LR steps, the end, the checkpoints), so one value sets them all. When the training set actually loaded gives
+another epoch length (a user's own dataset, another batch), ``tood.engine`` sets ``train.iters_per_epoch`` to it
+and logs the change, unless it was given on the command line.
 """
 
+import math
+
 from detectron2.config import LazyCall as L
-from detectron2.solver import WarmupParamScheduler
-from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-ITERS_PER_EPOCH = 7500
+from tood.solver import warmup_multistep_schedule
+
+COCO_2017_TRAIN_IMAGES = 117266  # train2017 images with at least one annotation
 
 
-def step_schedule(epochs, step_epochs, warmup_iters=500, warmup_factor=0.001):
-    """LR x0.1 at each of ``step_epochs``, after a linear warm-up from ``warmup_factor`` over ``warmup_iters``."""
-    total = epochs * ITERS_PER_EPOCH
-    return L(WarmupParamScheduler)(
-        scheduler=L(MultiStepParamScheduler)(
-            values=[10.0**-i for i in range(len(step_epochs) + 1)],
-            milestones=[e * ITERS_PER_EPOCH for e in step_epochs],
-            num_updates=total,
-        ),
-        warmup_length=warmup_iters / total,
-        warmup_method="linear",
-        warmup_factor=warmup_factor,
+def iters_per_epoch(num_images: int, total_batch_size: int) -> int:
+    return math.ceil(num_images / total_batch_size)
+
+
+def epochs(n: int) -> str:
+    """``n`` epochs in iterations, following ``train.iters_per_epoch``."""
+    return f"${{tood_schedule_fraction:${{train.iters_per_epoch}},{n},1}}"
+
+
+def lr_multiplier(step_epochs):
+    """Linear warm-up over 500 iterations from 0.001x, then x0.1 at each of ``step_epochs``."""
+    return L(warmup_multistep_schedule)(
+        max_iter="${train.max_iter}",
+        milestones=[epochs(e) for e in step_epochs],
+        warmup_iters=500,
+        warmup_factor=0.001,
     )
 
 
-lr_multiplier_1x = step_schedule(12, [8, 11])
-lr_multiplier_2x = step_schedule(24, [16, 22])
-max_iter_1x = 12 * ITERS_PER_EPOCH
-max_iter_2x = 24 * ITERS_PER_EPOCH
+COCO_ITERS_PER_EPOCH = iters_per_epoch(COCO_2017_TRAIN_IMAGES, 16)
+lr_multiplier_1x = lr_multiplier([8, 11])  # 12 epochs
+lr_multiplier_2x = lr_multiplier([16, 22])  # 24 epochs
