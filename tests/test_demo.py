@@ -13,7 +13,9 @@ from tood.data import generate_dataset, get_shapes_dataset
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import demo  # noqa: E402
-import train_net  # noqa: E402
+
+from tood.engine import LazyPredictor, dataset_metadata  # noqa: E402
+from tood.engine.training import register_coco_datasets  # noqa: E402
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
 
@@ -87,7 +89,7 @@ def test_predictor_returns_boxes_in_input_coordinates(weights):
     cfg = LazyConfig.load(CONFIG)
     cfg.train.init_checkpoint, cfg.train.device = weights, "cpu"
     cfg.model.test_score_thresh = 0.0
-    predictor = demo.Predictor(cfg)
+    predictor = LazyPredictor(cfg)
     instances = predictor(np.zeros((90, 150, 3), dtype=np.uint8))
     assert instances.image_size == (90, 150) and len(instances) > 0
     assert predictor.metadata.thing_classes[0] == "ellipse"
@@ -115,8 +117,8 @@ def test_video(weights, images, tmp_path):
 
 def test_class_names_of_a_registered_coco_dataset(tmp_path):
     folder = get_shapes_dataset(num_images=2, seed=0, image_size=64, root=tmp_path)
-    train_net.register_coco_datasets([("demo_shapes", str(folder / "annotations.json"), str(folder / "images"))])
-    assert demo.dataset_metadata("demo_shapes").thing_classes == [
+    register_coco_datasets([("demo_shapes", str(folder / "annotations.json"), str(folder / "images"))])
+    assert dataset_metadata("demo_shapes").thing_classes == [
         "ellipse",
         "rectangle",
         "triangle",
@@ -129,4 +131,4 @@ def test_class_names_of_a_registered_coco_dataset(tmp_path):
 def test_missing_weights_are_an_error():
     cfg = LazyConfig.load(CONFIG)
     with pytest.raises(ValueError, match="train.init_checkpoint"):
-        demo.Predictor(cfg)
+        LazyPredictor(cfg)

@@ -35,12 +35,13 @@ from tood.data.checks import (
     register_checked_coco,
 )
 from tood.data.loader import build_train_loader
+from tood.engine import launch
+from tood.engine.config_checks import ConfigKeyError, check_dataset_names, check_override_keys
+from tood.engine.train_loop import build_trainer, check_losses_finite
+from tood.engine.training import argument_parser, do_train, register_coco_datasets
 from tood.layers import align_boxes, sigmoid_geometric_mean
 from tood.losses import TOODLoss, TOODTargets, focal_loss_prob, giou_loss, quality_focal_loss_prob
 from tood.priors import level_boxes, level_points
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import train_net  # noqa: E402
 
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
 
@@ -178,9 +179,9 @@ def test_bad_coco_json_names_the_file_and_annotation(shapes, tmp_path, content, 
 
 def test_coco_registration_names_missing_files(shapes, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
-        train_net.register_coco_datasets([("x", str(tmp_path / "missing.json"), str(shapes / "images"))])
+        register_coco_datasets([("x", str(tmp_path / "missing.json"), str(shapes / "images"))])
     with pytest.raises(NotADirectoryError, match="image folder .*nowhere does not exist"):
-        train_net.register_coco_datasets([("x", str(shapes / "annotations.json"), str(tmp_path / "nowhere"))])
+        register_coco_datasets([("x", str(shapes / "annotations.json"), str(tmp_path / "nowhere"))])
 
 
 def test_malformed_box_names_file_and_annotation(shapes, tmp_path):
@@ -275,17 +276,17 @@ def test_image_with_3000_boxes(shapes):
 
 def test_unknown_override_key_suggests_close_matches():
     cfg = LazyConfig.load(QUICKSTART)
-    with pytest.raises(train_net.ConfigKeyError) as e:
-        train_net.check_override_keys(cfg, ["model.hed.num_classes=3"])
+    with pytest.raises(ConfigKeyError) as e:
+        check_override_keys(cfg, ["model.hed.num_classes=3"])
     assert "Unknown config key 'model.hed.num_classes': model has no 'hed'" in str(e.value)
     assert "Did you mean model.head.num_classes?" in str(e.value)
-    with pytest.raises(train_net.ConfigKeyError, match="Did you mean train.max_iter?"):
-        train_net.check_override_keys(cfg, ["train.max_iters=10"])
+    with pytest.raises(ConfigKeyError, match="Did you mean train.max_iter?"):
+        check_override_keys(cfg, ["train.max_iters=10"])
     # Arguments reached through **kwargs (CheckedDatasetMapper -> DatasetMapper) are known too.
-    with pytest.raises(train_net.ConfigKeyError, match="Did you mean dataloader.train.mapper.on_bad_image?"):
-        train_net.check_override_keys(cfg, ["dataloader.train.mapper.on_bad_imag=raise"])
+    with pytest.raises(ConfigKeyError, match="Did you mean dataloader.train.mapper.on_bad_image?"):
+        check_override_keys(cfg, ["dataloader.train.mapper.on_bad_imag=raise"])
     # Existing keys, list items, arguments left at their default, and keys added with "+".
-    train_net.check_override_keys(
+    check_override_keys(
         cfg,
         [
             "train.max_iter=5",
@@ -301,12 +302,12 @@ def test_unregistered_dataset_lists_the_registered_ones():
     cfg = LazyConfig.load(QUICKSTART)
     cfg.dataloader.train.dataset.names = "tood_shapes_trian"
     with pytest.raises(DatasetNotRegisteredError) as e:
-        train_net.check_dataset_names(cfg)
+        check_dataset_names(cfg)
     message = str(e.value)
     assert "Dataset 'tood_shapes_trian' (dataloader.train.dataset.names) is not registered" in message
     assert "Did you mean 'tood_shapes_train'" in message and "--register-coco tood_shapes_trian" in message
     assert "Registered datasets: " in message and "tood_shapes_val" in message
-    train_net.check_dataset_names(cfg, eval_only=True)  # evaluation reads the test set only
+    check_dataset_names(cfg, eval_only=True)  # evaluation reads the test set only
 
 
 @pytest.fixture(scope="module")
@@ -454,11 +455,11 @@ class RecordSteps(HookBase):
 
 
 def _train(config, output_dir, *overrides, resume=False):
-    args = train_net.argument_parser().parse_args(["--config-file", config] + (["--resume"] if resume else []))
+    args = argument_parser().parse_args(["--config-file", config] + (["--resume"] if resume else []))
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config), [f"train.output_dir={output_dir}", *overrides])
     seed_all_rng(0)
     record = RecordSteps()
-    train_net.do_train(args, cfg, extra_hooks=[record])
+    do_train(args, cfg, extra_hooks=[record])
     return record
 
 
@@ -527,10 +528,8 @@ def test_absurd_learning_rate_stops_at_the_first_nonfinite_loss():
     """A toy regression with lr 1e25 (float32 and bfloat16 autocast): the step that overflows is never taken."""
     for amp in (False, True):
         model = _Regression()
-        cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "common" / "train.py"))
-        cfg.train.device, cfg.train.amp.enabled = "cpu", amp
-        trainer = train_net.build_trainer(
-            cfg, model, [torch.ones(4, 8)] * 10, torch.optim.SGD(model.parameters(), lr=1e25)
+        trainer = build_trainer(
+            model, [torch.ones(4, 8)] * 10, torch.optim.SGD(model.parameters(), lr=1e25), amp=amp, device="cpu"
         )
         with pytest.raises(FloatingPointError, match=r"Loss is NaN or infinite at iteration [1-9] \(loss=") as e:
             trainer.train(0, 10)
@@ -541,8 +540,7 @@ def test_nan_in_the_last_iteration_writes_no_final_checkpoint(tmp_path):
     """A run that fails in its last iteration did not finish: no model_final, last_checkpoint stays on a good one."""
     model = _Regression()
     data = [torch.ones(4, 8)] * 3 + [torch.full((4, 8), float("nan"))]
-    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "common" / "train.py"))
-    trainer = train_net.build_trainer(cfg, model, data, torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer = build_trainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
     trainer.checkpointer = TOODCheckpointer(model, str(tmp_path))
     trainer.register_hooks([hooks.PeriodicCheckpointer(trainer.checkpointer, period=2, max_iter=4)])
     with pytest.raises(FloatingPointError, match=f"iteration 3 .*{tmp_path / 'model_0000001.pth'}"):
@@ -636,7 +634,7 @@ def _failing_worker(kind):
 def test_failing_worker_ends_the_run(kind, words):
     start = time.perf_counter()
     with pytest.raises(Exception) as e:  # noqa: B017  (torch.multiprocessing's ProcessRaised/ExitedException)
-        train_net.launch(_failing_worker, 2, dist_url="auto", args=(kind,), timeout=timedelta(seconds=5))
+        launch(_failing_worker, 2, dist_url="auto", args=(kind,), timeout=timedelta(seconds=5))
     assert time.perf_counter() - start < 60
     message = str(e.value)
     assert words in message
@@ -653,7 +651,7 @@ def _normalizer_worker(out_dir):
     result = {"norms": [n.item() for n in TOODLoss(num_classes=2).normalizers(targets)]}
     losses = {"loss_cls": torch.tensor(float("nan") if rank == 1 else 0.5), "loss_box_reg": torch.tensor(0.25)}
     try:
-        train_net.check_losses_finite(losses, 7)
+        check_losses_finite(losses, 7)
     except FloatingPointError as e:
         result["error"] = str(e)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -661,7 +659,7 @@ def _normalizer_worker(out_dir):
 
 @pytest.mark.slow
 def test_two_processes_average_normalizers_and_stop_together_on_nan(tmp_path):
-    train_net.launch(_normalizer_worker, 2, dist_url="auto", args=(str(tmp_path),), timeout=timedelta(seconds=30))
+    launch(_normalizer_worker, 2, dist_url="auto", args=(str(tmp_path),), timeout=timedelta(seconds=30))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for result in results:
         # The mean of the ranks' sums: (3 + 7) / 2 and (2 + 6) / 2.

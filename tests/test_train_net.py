@@ -18,9 +18,9 @@ from torch import nn
 
 from tests.conftest import REPO_ROOT
 from tood.data import get_shapes_dataset
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import train_net  # noqa: E402
+from tood.engine.config_checks import check_num_classes
+from tood.engine.train_loop import CPUAMPTrainer, add_gradient_clipping, build_trainer
+from tood.engine.training import register_coco_datasets
 
 # The quick-start model at 128 px, 8 images, no flips (so that one and two processes see the same pixels).
 TINY_CONFIG = """
@@ -158,10 +158,10 @@ def test_cpu_amp_trainer_runs_the_forward_in_bfloat16():
             return {"loss": out.float().pow(2).mean()}
 
     model = Recorder()
-    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "common" / "train.py"))
-    cfg.train.device, cfg.train.amp.enabled = "cpu", True
-    trainer = train_net.build_trainer(cfg, model, [torch.ones(2, 4)] * 2, torch.optim.SGD(model.parameters(), lr=0.1))
-    assert isinstance(trainer, train_net.CPUAMPTrainer)
+    trainer = build_trainer(
+        model, [torch.ones(2, 4)] * 2, torch.optim.SGD(model.parameters(), lr=0.1), amp=True, device="cpu"
+    )
+    assert isinstance(trainer, CPUAMPTrainer)
     before = model.linear.weight.detach().clone()
     trainer.train(0, 2)
     assert model.dtypes == [torch.bfloat16] * 2
@@ -170,7 +170,7 @@ def test_cpu_amp_trainer_runs_the_forward_in_bfloat16():
 
 def test_gradient_clipping_clips_the_global_norm():
     params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))]
-    optimizer = train_net.add_gradient_clipping(torch.optim.SGD(params, lr=1.0), max_norm=2.0)
+    optimizer = add_gradient_clipping(torch.optim.SGD(params, lr=1.0), max_norm=2.0)
     params[0].grad = torch.full((3,), 3.0)
     params[1].grad = torch.full((4,), 4.0)
     with EventStorage(0) as storage:
@@ -184,10 +184,10 @@ def test_gradient_clipping_clips_the_global_norm():
 
 def test_registered_dataset_must_match_num_classes(tmp_path):
     folder = get_shapes_dataset(num_images=2, seed=0, image_size=64, root=tmp_path)
-    train_net.register_coco_datasets([("two_shapes", str(folder / "annotations.json"), str(folder / "images"))])
+    register_coco_datasets([("two_shapes", str(folder / "annotations.json"), str(folder / "images"))])
     DatasetCatalog.get("two_shapes")  # loading a COCO json sets its thing_classes
     cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "quickstart_shapes.py"))
-    train_net.check_num_classes(cfg, "two_shapes")
+    check_num_classes(cfg, "two_shapes")
     cfg.model.num_classes = 80
     with pytest.raises(ValueError, match="model.num_classes=6"):
-        train_net.check_num_classes(cfg, ["two_shapes"])
+        check_num_classes(cfg, ["two_shapes"])

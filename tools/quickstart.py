@@ -16,31 +16,12 @@ import argparse
 import os
 import time
 
-import demo
-import train_net
 from detectron2.data import DatasetCatalog
-from detectron2.engine import HookBase
-from tqdm import tqdm
+
+from tood.engine import LazyPredictor, ProgressBar, argument_parser, do_train, setup
+from tood.engine.visualization import run_on_images
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class ProgressBar(HookBase):
-    """A tqdm bar over the training iterations: rate, ETA and the latest total loss."""
-
-    def before_train(self):
-        self._bar = tqdm(
-            total=self.trainer.max_iter, initial=self.trainer.start_iter, desc="training", unit="it", smoothing=0.05
-        )
-
-    def after_step(self):
-        self._bar.update(1)
-        history = self.trainer.storage.histories().get("total_loss")
-        if history is not None:
-            self._bar.set_postfix(loss=f"{history.latest():.3f}", refresh=False)
-
-    def after_train(self):
-        self._bar.close()
 
 
 def main(argv=None):
@@ -60,18 +41,18 @@ def main(argv=None):
     overrides = [f"train.output_dir={args.output}"]
     if args.max_iter is not None:
         overrides.append(f"train.max_iter={args.max_iter}")
-    train_args = train_net.argument_parser().parse_args(["--config-file", args.config_file, *overrides, *args.opts])
-    cfg = train_net.setup(train_args)
+    train_args = argument_parser().parse_args(["--config-file", args.config_file, *overrides, *args.opts])
+    cfg = setup(train_args)
 
     start = time.perf_counter()
-    results = train_net.do_train(train_args, cfg, extra_hooks=[ProgressBar()])
+    results = do_train(train_args, cfg, extra_hooks=[ProgressBar()])
     elapsed = time.perf_counter() - start
 
     cfg.train.init_checkpoint = os.path.join(args.output, "model_final.pth")
-    predictor = demo.Predictor(cfg)
+    predictor = LazyPredictor(cfg)
     val_name = cfg.dataloader.test.dataset.names
     paths = [d["file_name"] for d in DatasetCatalog.get(val_name)[: args.num_images]]
-    drawn = demo.run_on_images(predictor, paths, os.path.join(args.output, "predictions"), args.confidence_threshold)
+    drawn = run_on_images(predictor, paths, os.path.join(args.output, "predictions"), args.confidence_threshold)
 
     print(f"\nTrained {cfg.train.max_iter} iterations and evaluated in {elapsed / 60:.1f} min.")
     if "bbox" in results:

@@ -156,3 +156,29 @@ class TOODCheckpointer(DetectionCheckpointer):
             raise ValueError("\n".join(lines))
         self.logger.warning("\n".join(lines + ["The tensors of other shapes keep their initialisation."]))
         return incompatible
+
+
+def check_weights_file(path: str, training: bool, key: str = "train.init_checkpoint") -> None:
+    """Raises FileNotFoundError, naming the file and the ways forward, if the local weights file ``path`` is absent.
+
+    Args:
+        path: ``train.init_checkpoint``; "" (no weights) and URLs (``detectron2://``, ``https://``) pass.
+        training: the advice differs: ImageNet weights to start training from, or a trained model to evaluate.
+        key: the config key that names the file (``MODEL.WEIGHTS`` in a YAML config).
+    """
+    if not path or "://" in path or os.path.isfile(path):
+        return
+    if training:
+        forward = (
+            "convert ImageNet weights into it (tools/convert_torchvision_resnet.py, see README 'Training on COCO'), "
+            f'or train from scratch with {key}="" and trainable norms (e.g. '
+            "configs/quickstart_shapes.py's BatchNorm backbone: FrozenBN and frozen-statistics BN only suit "
+            "pretrained weights)"
+        )
+    else:
+        forward = (
+            f"point {key} at a trained model (e.g. OUTPUT_DIR/model_final.pth, or --resume for the "
+            "last checkpoint of train.output_dir), or convert an mmdetection TOOD checkpoint with "
+            "tools/convert_mmdet_to_d2.py"
+        )
+    raise FileNotFoundError(f"{key}={path} does not exist. Either {forward}.")

@@ -95,12 +95,13 @@ class TOOD(DenseDetector):
             "input_format": cfg.INPUT.FORMAT,
         }
 
-    def _flatten(self, predictions) -> Tuple[Tensor, Tensor, List[Tuple[int, int]]]:
-        """Per-level head outputs -> ``(N, A, K)`` probabilities, ``(N, A, 4)`` xyxy pixels, level sizes."""
+    def level_predictions(self, predictions) -> Tuple[List[Tensor], List[Tensor]]:
+        """The head's ``(cls_scores, bbox_preds)`` per location: per level ``(N, Hi * Wi, K)`` probabilities and
+        ``(N, Hi * Wi, 4)`` xyxy boxes in input pixels, locations row-major as the priors."""
         cls_scores, bbox_preds = predictions
-        scores = torch.cat([permute_to_N_HWA_K(x, self.num_classes) for x in cls_scores], dim=1)
-        boxes = torch.cat([permute_to_N_HWA_K(x, 4) * s for x, s in zip(bbox_preds, self.head.strides)], dim=1)
-        return scores, boxes, [tuple(x.shape[-2:]) for x in cls_scores]
+        scores = [permute_to_N_HWA_K(x, self.num_classes) for x in cls_scores]
+        boxes = [permute_to_N_HWA_K(x, 4) * s for x, s in zip(bbox_preds, self.head.strides)]
+        return scores, boxes
 
     def _use_task_alignment(self) -> bool:
         if self.tal_start_iter is None:
@@ -121,7 +122,8 @@ class TOOD(DenseDetector):
         return tal
 
     def forward_training(self, images: ImageList, features, predictions, gt_instances: List[Instances]):
-        scores, boxes, sizes = self._flatten(predictions)
+        scores, boxes = (torch.cat(x, dim=1) for x in self.level_predictions(predictions))
+        sizes = [tuple(x.shape[-2:]) for x in predictions[0]]
         device = scores.device
         points = self.head.prior_points(sizes, device)
         num_per_level = [len(p) for p in points]
@@ -161,10 +163,7 @@ class TOOD(DenseDetector):
         return None if mask.all() else mask
 
     def forward_inference(self, images: ImageList, features, predictions) -> List[Instances]:
-        cls_scores, bbox_preds = predictions
-        strides = self.head.strides
-        scores = [permute_to_N_HWA_K(x, self.num_classes) for x in cls_scores]
-        boxes = [permute_to_N_HWA_K(x, 4) * s for x, s in zip(bbox_preds, strides)]
+        scores, boxes = self.level_predictions(predictions)
         return [
             self.inference_single_image([x[i] for x in scores], [x[i] for x in boxes], image_size)
             for i, image_size in enumerate(images.image_sizes)

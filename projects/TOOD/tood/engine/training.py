@@ -1,0 +1,221 @@
+"""Training and evaluation from a LazyConfig: what Detectron2's ``tools/lazyconfig_train_net.py`` does, plus TOOD's
+options and checks. ``tools/train_net.py`` parses the command line and calls these.
+
+Config keys beyond Detectron2's ``common/train.py`` (configs/common/train.py):
+
+* ``train.amp.enabled``: mixed precision; on CUDA Detectron2's AMPTrainer (fp16 + loss scaling), on CPU bfloat16
+  autocast (:class:`~tood.engine.train_loop.CPUAMPTrainer`).
+* ``train.clip_grad``: ``enabled``, ``max_norm``, ``norm_type``: clip the global gradient norm before each step
+  and log it as ``grad_norm``.
+* ``train.device``: "cuda" or "cpu". Without CUDA, ``--num-gpus N`` starts N CPU processes (DDP over gloo).
+* ``train.iters_per_epoch``: for schedules counted in epochs, set from the training set (:func:`set_epoch_length`).
+
+When things go wrong: an override of a key the config does not have, or a dataset that is not registered, is an
+error with close matches; missing weights name the file and the ways forward; a NaN or infinite loss stops training,
+on every rank, before the step is applied, naming the iteration, the losses and the last good checkpoint;
+checkpoints are written atomically and ``--resume`` continues the iteration, optimizer, LR schedule, warm-up phase
+and data stream.
+"""
+
+import inspect
+import logging
+from datetime import timedelta
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..checkpoint import TOODCheckpointer, check_weights_file
+from ..data.checks import register_checked_coco
+from .config_checks import (
+    check_dataset_names,
+    check_num_classes,
+    check_override_keys,
+    lazy_target,
+    set_epoch_length,
+    use_available_coco_eval,
+)
+from .launch import launch
+from .train_loop import add_gradient_clipping, build_trainer
+
+__all__ = [
+    "add_register_coco_argument",
+    "argument_parser",
+    "do_test",
+    "do_train",
+    "launch_from_args",
+    "main",
+    "register_coco_datasets",
+    "setup",
+]
+
+logger = logging.getLogger("detectron2")
+
+
+def register_coco_datasets(specs):
+    """Registers each ``(name, json_file, image_root)`` as a checked COCO instances dataset (``--register-coco``)."""
+    for name, json_file, image_root in specs or ():
+        register_checked_coco(name, json_file, image_root)
+
+
+def add_register_coco_argument(parser, help="register a COCO-format dataset under NAME before building the config"):
+    """``--register-coco NAME JSON IMAGE_ROOT`` (repeatable), read by :func:`register_coco_datasets`."""
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help=help + " (repeatable)",
+    )
+
+
+def argument_parser(epilog=None):
+    """Detectron2's ``default_argument_parser`` plus ``--register-coco`` and ``--dist-timeout``."""
+    parser = default_argument_parser(epilog=epilog)
+    add_register_coco_argument(parser)
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800,
+        metavar="SECONDS",
+        help="with several processes: how long a collective waits for a worker before the run fails",
+    )
+    return parser
+
+
+def setup(args):
+    """Registers ``--register-coco`` datasets, builds the config with the checked overrides, sets up logging."""
+    register_coco_datasets(args.register_coco)
+    cfg = LazyConfig.load(args.config_file)
+    check_override_keys(cfg, args.opts)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    check_dataset_names(cfg, args.eval_only)
+    use_available_coco_eval(cfg)
+    default_setup(cfg, args)
+    # TOOD's modules log under "tood", e.g. the iteration where training switches from ATSS to TAL.
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="tood")
+    if not args.eval_only:
+        set_epoch_length(cfg, args.opts)
+    return cfg
+
+
+def do_test(cfg, model):
+    """Evaluates ``model`` with ``dataloader.evaluator`` on ``dataloader.test``; {} without an evaluator."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    # The loader first: a generated dataset writes the json the evaluator reads when it is first loaded.
+    data_loader = instantiate(cfg.dataloader.test)
+    results = inference_on_dataset(model, data_loader, instantiate(cfg.dataloader.evaluator))
+    print_csv_format(results)
+    return results
+
+
+def _continue_data_stream(cfg, start_iter):
+    """Makes the train loader start its sample stream at batch ``start_iter`` when its builder can."""
+    target = lazy_target(cfg.dataloader.train)
+    if "start_iter" in inspect.signature(target).parameters:
+        cfg.dataloader.train.start_iter = start_iter
+        logger.info(f"The training data continues at batch {start_iter} of its stream.")
+    else:
+        logger.warning(
+            f"{getattr(target, '__name__', target)} takes no start_iter: the resumed run reads its images from the "
+            "start of the data stream again (tood.data.loader.build_train_loader continues it)."
+        )
+
+
+def do_train(args, cfg, extra_hooks=()):
+    """Trains ``cfg.model`` (Detectron2's ``lazyconfig_train_net.do_train`` with TOOD's options).
+
+    Args:
+        extra_hooks: more :class:`HookBase` to run, before the writers.
+
+    Returns:
+        dict: the results of the last evaluation (empty without ``dataloader.evaluator``).
+    """
+    model = instantiate(cfg.model)
+    logger.info(f"Model:\n{model}")
+    model.to(cfg.train.device)
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    if cfg.train.clip_grad.enabled:
+        add_gradient_clipping(optimizer, cfg.train.clip_grad.max_norm, cfg.train.clip_grad.norm_type)
+
+    checkpointer = TOODCheckpointer(model, cfg.train.output_dir)
+    resuming = args.resume and checkpointer.has_checkpoint()
+    if resuming:
+        _continue_data_stream(cfg, checkpointer.last_iteration() + 1)
+    else:
+        check_weights_file(cfg.train.init_checkpoint, training=True)
+    train_loader = instantiate(cfg.dataloader.train)
+    check_num_classes(cfg, cfg.dataloader.train.dataset.names)
+
+    ddp = dict(cfg.train.ddp)
+    if torch.device(cfg.train.device).type == "cpu":
+        ddp["device_ids"] = None  # DDP's CPU mode; Detectron2 would name the local GPU
+    model = create_ddp_model(model, **ddp)
+    trainer = build_trainer(model, train_loader, optimizer, amp=cfg.train.amp.enabled, device=cfg.train.device)
+    trainer.checkpointer = checkpointer
+    # The trainer's state holds the optimizer, the LR scheduler and AMP's grad scaler.
+    checkpointer.add_checkpointable("trainer", trainer)
+
+    last_results = {}
+
+    def evaluate():
+        last_results.clear()
+        last_results.update(do_test(cfg, model))
+        return last_results
+
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            hooks.EvalHook(cfg.train.eval_period, evaluate),
+            *extra_hooks,
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # A checkpoint stores the iteration that had just finished.
+    start_iter = trainer.iter + 1 if resuming else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return last_results
+
+
+def evaluate_checkpoint(args, cfg):
+    """``--eval-only``: the model with ``train.init_checkpoint`` (or, with ``--resume``, the last checkpoint of
+    ``train.output_dir``), which must fit it exactly, evaluated."""
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    checkpointer = TOODCheckpointer(model, cfg.train.output_dir, strict=True)
+    if not (args.resume and checkpointer.has_checkpoint()):
+        check_weights_file(cfg.train.init_checkpoint, training=False)
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    return do_test(cfg, model)
+
+
+def main(args):
+    cfg = setup(args)
+    return evaluate_checkpoint(args, cfg) if args.eval_only else do_train(args, cfg)
+
+
+def launch_from_args(main_func, args):
+    """Runs ``main_func(args)`` in the processes that ``--num-gpus``, ``--num-machines`` etc. ask for."""
+    launch(
+        main_func,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        timeout=timedelta(seconds=args.dist_timeout),
+    )
