@@ -1,15 +1,16 @@
 # The two set-up commands of README.md. Both build .venv/ first if needed (tools/setup_env.sh, idempotent).
 #   make quickstart   train TOOD on the generated dataset on CPU, evaluate it, draw predictions
 #   make test         lint + the whole test suite (what CI runs: .ci/run)
-# PYTHON=/path/to/python picks the interpreter (one with a working detectron2 build is used as it is).
+# PYTHON=/path/to/python picks the interpreter (one with a working detectron2 build is used as it is, unchanged).
+# Without PYTHON, .venv stays built for the interpreter it was built for (python3 the first time).
 
-PYTHON ?= python3
+PYTHON ?=
 VENV_PY := .venv/bin/python
 
 .PHONY: env quickstart test lint format
 
 env:
-	@PYTHON=$(PYTHON) bash tools/setup_env.sh
+	@PYTHON="$(PYTHON)" bash tools/setup_env.sh
 
 quickstart: env
 	$(VENV_PY) tools/quickstart.py
