@@ -201,6 +201,11 @@ class TOODLoss(nn.Module):
         Returns:
             {"loss_cls", "loss_box_reg"}: float32 scalars.
         """
+        if not torch.isfinite(cls_scores).all():
+            # Diverged weights: binary cross-entropy refuses probabilities outside [0, 1]. NaN losses (still attached
+            # to the graph, so that backward runs) let the trainer's finite-loss check stop the run with its message.
+            nan = cls_scores.sum() * float("nan")
+            return {"loss_cls": nan, "loss_box_reg": nan}
         targets = self.get_targets(
             cls_scores,
             bbox_preds,
