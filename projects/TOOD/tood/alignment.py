@@ -40,7 +40,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.layers import batched_nms
-from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.fcos import FCOS
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from matplotlib.figure import Figure
@@ -94,9 +94,7 @@ def register_adapter(meta_arch: type) -> Callable[[Adapter], Adapter]:
 
 @register_adapter(TOOD)
 def _tood(model: TOOD, features, head_outputs):
-    cls_scores, bbox_preds = head_outputs
-    scores = [permute_to_N_HWA_K(x, model.num_classes) for x in cls_scores]
-    boxes = [permute_to_N_HWA_K(x, 4) * s for x, s in zip(bbox_preds, model.head.strides)]
+    scores, boxes = model.level_predictions(head_outputs)
     return scores, boxes, 0.0
 
 

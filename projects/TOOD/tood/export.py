@@ -34,7 +34,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.data.detection_utils import read_image
-from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 from torch import Tensor, nn
@@ -95,10 +94,8 @@ class TOODExportWrapper(nn.Module):
         model = self.model
         images = model.preprocess_image([{"image": image}])
         features = model.backbone(images.tensor)
-        cls_scores, bbox_preds = model.head([features[f] for f in model.head_in_features])
-        scores = [permute_to_N_HWA_K(x, model.num_classes)[0] for x in cls_scores]
-        boxes = [permute_to_N_HWA_K(x, 4)[0] * s for x, s in zip(bbox_preds, model.head.strides)]
-        return tuple(scores + boxes)
+        scores, boxes = model.level_predictions(model.head([features[f] for f in model.head_in_features]))
+        return tuple(x[0] for x in scores + boxes)
 
 
 @dataclasses.dataclass(frozen=True)
