@@ -260,8 +260,9 @@ def test_a_user_dataset_gets_its_own_epoch_length(tmp_path, overridden):
     folder = register_shapes_dataset("epoch_shapes", num_images=50, seed=3, image_size=64, root=tmp_path)
     cfg = load("tood_R_50_1x.py")
     cfg.dataloader.train.dataset.names = "epoch_shapes"
-    set_epoch_length(cfg, ["train.iters_per_epoch=7330"] if overridden else [])
+    change = set_epoch_length(cfg, ["train.iters_per_epoch=7330"] if overridden else [])
     if overridden:
+        assert change is None
         assert (cfg.train.iters_per_epoch, cfg.train.max_iter, cfg.model.tal_start_iter) == (7330, 87960, 29320)
         return
     with open(folder / "annotations.json") as f:
@@ -271,3 +272,4 @@ def test_a_user_dataset_gets_its_own_epoch_length(tmp_path, overridden):
     epoch = math.ceil(num_images / 16)
     assert (cfg.train.iters_per_epoch, cfg.train.max_iter, cfg.model.tal_start_iter) == (epoch, 12 * epoch, 4 * epoch)
     assert list(cfg.lr_multiplier.milestones) == [8 * epoch, 11 * epoch]
+    assert f"ceil({num_images} images / batch 16) = {epoch} iterations, not the config's 7330" in change

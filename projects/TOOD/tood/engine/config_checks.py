@@ -2,8 +2,8 @@
 
 import difflib
 import inspect
-import logging
 import math
+from typing import Optional
 
 from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
@@ -23,8 +23,6 @@ __all__ = [
     "set_epoch_length",
     "use_available_coco_eval",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 class ConfigKeyError(KeyError):
@@ -142,25 +140,30 @@ def use_available_coco_eval(cfg):
         cfg.dataloader.evaluator.use_fast_impl = False
 
 
-def set_epoch_length(cfg, overrides=()):
+def set_epoch_length(cfg, overrides=()) -> Optional[str]:
     """Sets ``train.iters_per_epoch`` to ``ceil(training images / total batch)`` of the training set the config reads.
 
     For configs whose schedule counts epochs (configs/common/schedule.py): their ``train.iters_per_epoch`` is COCO's,
     and a user's own dataset gets its own epoch length. Nothing changes when the config has no such key or the
-    command line sets it.
+    command line sets it. Called before the config is saved with the run.
+
+    Returns:
+        what changed, to log once logging is set up; None when nothing did.
     """
     if "iters_per_epoch" not in cfg.train:
-        return
+        return None
     if any(o.key_or_group == "train.iters_per_epoch" for o in _parse_overrides(overrides)):
-        return
+        return None
     num_images = len(instantiate(cfg.dataloader.train.dataset))
     batch = cfg.dataloader.train.total_batch_size
     length = math.ceil(num_images / batch)
-    if length != cfg.train.iters_per_epoch:
-        logger.warning(
-            f"One epoch of {cfg.dataloader.train.dataset.names} is ceil({num_images} images / batch {batch}) = "
-            f"{length} iterations, not the config's {cfg.train.iters_per_epoch}: train.iters_per_epoch={length}, so "
-            "the schedule's lengths (train.max_iter, LR steps, ATSS warm-up, checkpoints) count this dataset's "
-            "epochs. Set train.iters_per_epoch on the command line to keep another value."
-        )
-        cfg.train.iters_per_epoch = length
+    if length == cfg.train.iters_per_epoch:
+        return None
+    message = (
+        f"One epoch of {cfg.dataloader.train.dataset.names} is ceil({num_images} images / batch {batch}) = {length} "
+        f"iterations, not the config's {cfg.train.iters_per_epoch}: train.iters_per_epoch={length}, so the "
+        "schedule's lengths (train.max_iter, LR steps, ATSS warm-up, checkpoints) count this dataset's epochs. Set "
+        "train.iters_per_epoch on the command line to keep another value."
+    )
+    cfg.train.iters_per_epoch = length
+    return message

@@ -96,11 +96,12 @@ def setup(args):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     check_dataset_names(cfg, args.eval_only)
     use_available_coco_eval(cfg)
-    default_setup(cfg, args)
+    epoch_change = None if args.eval_only else set_epoch_length(cfg, args.opts)
+    default_setup(cfg, args)  # saves the config with the run
     # TOOD's modules log under "tood", e.g. the iteration where training switches from ATSS to TAL.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="tood")
-    if not args.eval_only:
-        set_epoch_length(cfg, args.opts)
+    if epoch_change:
+        logger.warning(epoch_change)
     return cfg
 
 
