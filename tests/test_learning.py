@@ -3,7 +3,6 @@ detects held-out images above a floor set from measurements. A change that break
 gradients, the optimizer, the schedule, the data) fails here; one that slows it down a lot may too."""
 
 import pytest
-import torch
 
 from tests.conftest import REPO_ROOT
 from tood.data import ShapesConfig, register_shapes_dataset
@@ -56,7 +55,6 @@ def test_quickstart_model_learns_the_shapes(tmp_path, seed):
             f"dataloader.{split}.mapper.augmentations.0.max_size={IMAGE_SIZE}",
         ]
     args = argument_parser().parse_args(["--config-file", str(REPO_ROOT / "configs" / "quickstart_shapes.py"), *opts])
-    torch.set_num_threads(2)
     results = do_train(args, setup(args))
     ap = results["bbox"]["AP"]
     print(f"seed {seed}: box AP {ap:.1f} on learn_val after {MAX_ITER} iterations")
