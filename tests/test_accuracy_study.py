@@ -1,9 +1,10 @@
 """tools/accuracy_study.py's baseline configs: RetinaNet and FCOS share everything with the TOOD quick start but
-the detector; and the study (tood.accuracy_study) trains, evaluates, tabulates, plots, resumes and reuses a TOOD
-run end to end on a tiny generated dataset."""
+the detector; and the study's protocol (tood.accuracy_study.run_protocol) sweeps, selects on the tuning split,
+trains the seeds, evaluates with own and matched post-processing, measures alignment, tabulates, plots and
+resumes, end to end on a tiny generated dataset."""
 
+import json
 import math
-import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from detectron2.config import LazyConfig, instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO_ROOT
-from tood.accuracy_study import run_study
+from tood.accuracy_study import MATCHED_POSTPROCESSING, Detector, Setting, run_protocol
 from tood.data import register_shapes_dataset
 
 # The models of tools/accuracy_study.py, in its order.
@@ -23,7 +24,6 @@ MODELS = {
 # The quick start's data at 128 px on 6 + 3 generated images, batch 2.
 TINY = [
     "dataloader.train.dataset.names=study_train",
-    "dataloader.test.dataset.names=study_val",
     "dataloader.train.total_batch_size=2",
     *(
         f"dataloader.{split}.mapper.augmentations.0.{key}=128"
@@ -71,37 +71,73 @@ def test_baselines_share_all_but_the_detector():
 
 
 @pytest.mark.slow
-def test_study_trains_evaluates_and_reports_three_models(tmp_path, one_thread):
+def test_protocol_sweeps_selects_seeds_and_reports(tmp_path, one_thread):
     register_shapes_dataset("study_train", 6, seed=0, image_size=128, root=tmp_path / "data")
-    register_shapes_dataset("study_val", 3, seed=1, image_size=128, root=tmp_path / "data")
+    register_shapes_dataset("study_tune", 3, seed=1, image_size=128, root=tmp_path / "data")
+    register_shapes_dataset("study_val", 3, seed=2, image_size=128, root=tmp_path / "data")
+    detectors = {
+        "TOOD": Detector(MODELS["TOOD"]),
+        "FCOS": Detector(MODELS["FCOS"]),
+        "TOOD (ATSS only)": Detector(MODELS["TOOD"], ("model.tal_start_iter=1000000",), tuned_like="TOOD"),
+    }
+    settings = [Setting("AdamW", 1e-3, 0.05), Setting("SGD", 0.02, 1e-4)]
     out = tmp_path / "study"
-    results = run_study(MODELS, str(out), max_iter=4, eval_period=2, opts=TINY)
+    kwargs = dict(
+        settings=settings,
+        seeds=(0, 1),
+        max_iter=3,
+        tune_dataset="study_tune",
+        test_dataset="study_val",
+        alignment_images=2,
+        opts=TINY,
+    )
+    results = run_protocol(detectors, str(out), **kwargs)
 
-    assert list(results) == ["TOOD", "RetinaNet", "FCOS"]
-    for name, run in results.items():
-        # Evaluated after iteration 2 (the period) and at the end.
-        assert run["iterations"] == 4 and list(run["evaluations"]) == [2, 4], name
-        assert all(math.isfinite(run["evaluations"][4][m]) for m in ("AP", "AP50", "AP75")), name
-        # log.txt gives whole seconds: these runs take under one.
-        assert run["wall_s"] is not None and run["s_per_iter"] > 0, name
-        assert (out / name.lower() / "model_final.pth").is_file()
-        # Each run's log holds its own training only.
-        assert (out / name.lower() / "log.txt").read_text().count("Total training time") == 1
+    # The sweep: every setting of every detector but the control, trained with the first seed, judged on the
+    # tuning split; the selected setting is the best there, and the control takes TOOD's.
+    assert list(results["sweep"]) == ["TOOD", "FCOS"]
+    for name, by_setting in results["sweep"].items():
+        assert list(by_setting) == [s.name for s in settings]
+        best = max(settings, key=lambda s: by_setting[s.name]["AP"]).name
+        assert results["selected"][name] == best
+        for setting in settings:
+            run = out / "sweep" / name.lower() / setting.name
+            assert json.loads((run / "setting.json").read_text())["optimizer"] == setting.optimizer
+            evaluated = [json.loads(line) for line in (run / "metrics.json").read_text().splitlines()]
+            assert [r["bbox/AP"] for r in evaluated if "bbox/AP" in r] == [by_setting[setting.name]["AP"]]
+            assert "study_tune" in (run / "log.txt").read_text()
+    assert results["selected"]["TOOD (ATSS only)"] == results["selected"]["TOOD"]
+    # The optimizer the run trained with is the setting's (Detectron2 logs the config the run saved).
+    assert "torch.optim.SGD" in (out / "sweep" / "fcos" / "sgd_lr0.02_wd0.0001" / "config.yaml").read_text()
+
+    # Seeds: the sweep's run is the first seed's; the others, and every seed of the control, train anew.
+    for name, runs in results["runs"].items():
+        assert [r["seed"] for r in runs] == [0, 1]
+        if name == "TOOD (ATSS only)":
+            assert all("/seeds/" in r["run_dir"] for r in runs)
+        else:
+            assert runs[0]["run_dir"].endswith(f"sweep/{name.lower()}/{results['selected'][name]}")
+        for r in runs:
+            for key in ("own", "matched"):
+                assert all(math.isfinite(r[key][m]) for m in ("AP", "AP50", "AP75")), (name, key)
+            config = (tmp_path / r["run_dir"] / "test_matched" / "config.yaml").read_text()
+            assert "study_val" in config and "test_nms_thresh: 0.6" in config
+    # The control never switches to task-aligned assignment; TOOD does, after a third of its iterations.
+    switch = "task-aligned assignment (TAL) from iteration"
+    assert switch in (tmp_path / results["runs"]["TOOD"][0]["run_dir"] / "log.txt").read_text()
+    assert switch not in (out / "seeds" / "tood__atss_only_" / "seed0" / "log.txt").read_text()
+
     table = (out / "results.md").read_text()
-    for name, run in results.items():
-        row = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
-        assert f"| {run['evaluations'][4]['AP']:.1f} " in row
+    assert all(p in table for p in MATCHED_POSTPROCESSING)
+    for name, runs in results["runs"].items():
+        rows = [line for line in table.splitlines() if line.startswith(f"| {name} ")]
+        for key in ("own", "matched"):
+            assert any(", ".join(f"{r[key]['AP']:.1f}" for r in runs) in row for row in rows), (name, key)
     assert (out / "ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Run again: every model is finished, so nothing trains and the report is the same.
-    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
-    assert run_study(MODELS, str(out), max_iter=4, eval_period=2, opts=TINY) == results
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == mtimes
-
-    # TOOD's numbers from an existing run.
-    reused = tmp_path / "reused"
-    finished = {"TOOD": str(out / "tood")}
-    assert run_study({"TOOD": MODELS["TOOD"]}, str(reused), max_iter=4, finished_runs=finished) == {
-        "TOOD": results["TOOD"]
+    # Run again: everything is reused, nothing trains or evaluates again.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert run_protocol(detectors, str(out), **kwargs) == results
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "results.json" or p.parent != out} == {
+        p: t for p, t in mtimes.items() if p.name != "results.json" or p.parent != out
     }
-    assert sorted(os.listdir(reused)) == ["ap.png", "results.md"]

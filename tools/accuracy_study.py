@@ -1,50 +1,47 @@
 #!/usr/bin/env python
-"""Accuracy study: TOOD against Detectron2's RetinaNet and FCOS, trained from scratch on the generated shapes.
+"""Accuracy study: TOOD against Detectron2's RetinaNet and FCOS, and TOOD's controls, trained from scratch on the
+generated shapes under one protocol (tood.accuracy_study.run_protocol).
 
-The three quick-start configs (configs/quickstart_shapes.py, quickstart_shapes_retinanet.py,
-quickstart_shapes_fcos.py) share the backbone, input normalisation, data, batch, optimizer, learning rate and
-schedule; they differ in what makes each detector: head, assignment, losses and post-processing (see each config).
-Each model is trained one after the other as tools/train_net.py trains (``tood.accuracy_study``), for the same
-``--max-iter`` iterations, evaluated with COCOEvaluator every ``--eval-period`` iterations and at the end. Written
-into ``--output``, and printed: ``results.md``, the box AP of each model's last evaluation, its wall time and
-seconds per training iteration, then the AP and AP50 at every evaluation; ``ap.png``, AP and AP50 over the
-training iterations, one line per model.
+The detectors share the backbone, input normalisation, data, batch, iterations and schedule (configs/
+quickstart_shapes.py, quickstart_shapes_retinanet.py, quickstart_shapes_fcos.py); each keeps its head, assignment,
+losses and post-processing. Every detector gets the same optimiser sweep (AdamW lr 1e-3 / 3e-4, SGD lr 0.02),
+selected on tood_shapes_tune; its setting is then trained with every seed and evaluated on tood_shapes_val, with its
+own and with a matched post-processing, and its alignment measured. The controls take TOOD's selected setting:
+"TOOD (ATSS only)" never switches to task-aligned assignment (the paper's ablation), "TOOD (prior 0.01)" starts the
+alignment map at sigmoid(M) = 0.01 as the reference does instead of the quick start's 0.5.
 
-Each model trains in ``--output``/NAME (e.g. output/accuracy_study/retinanet). A folder that already holds
-model_final.pth and metrics.json is not trained again, and an unfinished run continues from its last
-checkpoint: run the same command again to resume an interrupted study. ``--tood-run`` reads TOOD's results from
-an existing run instead, e.g. tools/quickstart.py's (which evaluates once, at the end: one point on the plot).
-Extra ``key=value`` arguments override all three configs, as for tools/train_net.py.
+Everything goes into --output (one folder per run; results.md, results.json, ap.png); run the same command again to
+resume an interrupted study. Extra key=value arguments override every config.
 
 Examples::
 
-    tools/accuracy_study.py
-    tools/accuracy_study.py --max-iter 300 --eval-period 50 --models TOOD,FCOS train.seed=0
-    tools/accuracy_study.py --tood-run output/quickstart
+    tools/accuracy_study.py --max-iter 300
+    tools/accuracy_study.py --max-iter 300 --seeds 0,1,2,3,4 --models TOOD,FCOS
 """
 
 import argparse
 import os
 
 import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
-from tood.accuracy_study import is_finished, run_study
+from tood.accuracy_study import Detector, run_protocol
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-# Name -> config file; also the order of the table and plot.
+TOOD = os.path.join(CONFIGS, "quickstart_shapes.py")
+# Name -> detector; also the order of the tables.
 MODELS = {
-    "TOOD": os.path.join(CONFIGS, "quickstart_shapes.py"),
-    "RetinaNet": os.path.join(CONFIGS, "quickstart_shapes_retinanet.py"),
-    "FCOS": os.path.join(CONFIGS, "quickstart_shapes_fcos.py"),
+    "TOOD": Detector(TOOD),
+    "RetinaNet": Detector(os.path.join(CONFIGS, "quickstart_shapes_retinanet.py")),
+    "FCOS": Detector(os.path.join(CONFIGS, "quickstart_shapes_fcos.py")),
+    "TOOD (ATSS only)": Detector(TOOD, ("model.tal_start_iter=1000000000",), tuned_like="TOOD"),
+    "TOOD (prior 0.01)": Detector(TOOD, ("model.head.alignment_prior_prob=0.01",), tuned_like="TOOD"),
 }
 
 
-def model_names(text):
-    """``--models``: comma-separated (a space-separated list would swallow the key=value overrides after it)."""
-    names = text.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(unknown)}; choose among {', '.join(MODELS)}")
-    return names
+def comma_list(kind):
+    def parse(text):
+        return [kind(x) for x in text.split(",")]
+
+    return parse
 
 
 def argument_parser():
@@ -55,18 +52,14 @@ def argument_parser():
     )
     parser.add_argument(
         "--models",
-        type=model_names,
+        type=comma_list(str),
         default=list(MODELS),
-        help=f"comma-separated models to compare (default: {','.join(MODELS)})",
+        help=f"comma-separated (default: all): {', '.join(MODELS)}",
     )
-    parser.add_argument("--max-iter", type=int, help="training iterations of every model (default: the quick start's)")
-    parser.add_argument(
-        "--eval-period", type=int, help="evaluate every N iterations and at the end (default: max_iter // 4)"
-    )
-    parser.add_argument("--output", default="output/accuracy_study", help="one folder per model, results.md, ap.png")
-    parser.add_argument(
-        "--tood-run", metavar="DIR", help="TOOD's results from this finished run instead of training it"
-    )
+    parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
+    parser.add_argument("--max-iter", type=int, help="training iterations of every run (default: the quick start's)")
+    parser.add_argument("--alignment-images", type=int, default=100, help="test images for the alignment metrics")
+    parser.add_argument("--output", default="output/accuracy_study", help="runs, results.md, results.json, ap.png")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for all models, key=value")
     return parser
 
@@ -74,15 +67,17 @@ def argument_parser():
 if __name__ == "__main__":
     parser = argument_parser()
     args = parser.parse_args()
-    if args.tood_run and "TOOD" not in args.models:
-        parser.error("--tood-run needs TOOD among --models")
-    if args.tood_run and not is_finished(args.tood_run):
-        parser.error(f"--tood-run {args.tood_run} holds no model_final.pth and metrics.json")
-    run_study(
-        {name: config for name, config in MODELS.items() if name in args.models},
+    unknown = [n for n in args.models if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose among {', '.join(MODELS)}")
+    orphans = [n for n in args.models if MODELS[n].tuned_like and MODELS[n].tuned_like not in args.models]
+    if orphans:
+        parser.error(f"{', '.join(orphans)} take(s) TOOD's selected setting: add TOOD to --models")
+    run_protocol(
+        {name: MODELS[name] for name in MODELS if name in args.models},
         args.output,
+        seeds=args.seeds,
         max_iter=args.max_iter,
-        eval_period=args.eval_period,
+        alignment_images=args.alignment_images,
         opts=args.opts,
-        finished_runs={"TOOD": args.tood_run} if args.tood_run else None,
     )

@@ -65,7 +65,9 @@ BACKGROUNDS = ("flat", "noise", "gradient", "stripes", "checks", "clouds")
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
 # name -> (num_images, seed) of the registered default splits, at 320 px and the default ShapesConfig.
-DEFAULT_SPLITS = {"tood_shapes_train": (2000, 0), "tood_shapes_val": (300, 1)}
+# tood_shapes_tune: a held-out split for choosing hyper-parameters (tools/accuracy_study.py), so that
+# tood_shapes_val only measures.
+DEFAULT_SPLITS = {"tood_shapes_train": (2000, 0), "tood_shapes_val": (300, 1), "tood_shapes_tune": (300, 2)}
 
 
 @dataclass(frozen=True)
@@ -552,7 +554,7 @@ def register_shapes_dataset(
 
 
 def register_all(root=None) -> None:
-    """Registers the default splits of :data:`DEFAULT_SPLITS` (``tood_shapes_train``, ``tood_shapes_val``)."""
+    """Registers the default splits of :data:`DEFAULT_SPLITS` (``tood_shapes_train``, ``_val``, ``_tune``)."""
     for name, (num_images, seed) in DEFAULT_SPLITS.items():
         register_shapes_dataset(name, num_images, seed, root=root)
 

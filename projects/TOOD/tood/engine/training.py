@@ -88,12 +88,19 @@ def argument_parser(epilog=None):
     return parser
 
 
-def setup(args):
-    """Registers ``--register-coco`` datasets, builds the config with the checked overrides, sets up logging."""
+def setup(args, configure=None):
+    """Registers ``--register-coco`` datasets, builds the config with the checked overrides, sets up logging.
+
+    Args:
+        configure: optional callable that edits the config after the overrides, before it is checked and saved
+            with the run (what a ``key=value`` override cannot say, e.g. another optimizer class).
+    """
     register_coco_datasets(args.register_coco)
     cfg = LazyConfig.load(args.config_file)
     check_override_keys(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if configure is not None:
+        configure(cfg)
     check_dataset_names(cfg, args.eval_only)
     use_available_coco_eval(cfg)
     epoch_change = None if args.eval_only else set_epoch_length(cfg, args.opts)
