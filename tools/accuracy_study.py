@@ -4,7 +4,7 @@ generated shapes under one protocol (tood.accuracy_study.run_protocol).
 
 The detectors share the backbone, input normalisation, data, batch, iterations and schedule (configs/
 quickstart_shapes.py, quickstart_shapes_retinanet.py, quickstart_shapes_fcos.py); each keeps its head, assignment,
-losses and post-processing. Every detector gets the same optimiser sweep (AdamW lr 1e-3 / 3e-4, SGD lr 0.02),
+losses and post-processing. Every detector gets the same optimiser sweep (AdamW lr 1e-3 / 3e-4, SGD lr 0.01),
 selected on tood_shapes_tune; its setting is then trained with every seed and evaluated on tood_shapes_val, with its
 own and with a matched post-processing, and its alignment measured. The controls take TOOD's selected setting:
 "TOOD (ATSS only)" never switches to task-aligned assignment (the paper's ablation), "TOOD (prior 0.01)" starts the
