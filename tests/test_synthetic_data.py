@@ -141,7 +141,9 @@ def test_objects_keep_enough_visible():
 
 def test_registration(tmp_path, monkeypatch, tiny_name):
     monkeypatch.setenv("TOOD_DATASETS", str(tmp_path))
-    assert {"tood_shapes_train", "tood_shapes_val"} <= set(DatasetCatalog.list())
+    assert {"tood_shapes_train", "tood_shapes_val", "tood_shapes_tune"} <= set(DatasetCatalog.list())
+    # The tuning split is drawn apart from the others: no image in common.
+    assert len({seed for _, seed in tood.data.DEFAULT_SPLITS.values()}) == len(tood.data.DEFAULT_SPLITS)
     meta = MetadataCatalog.get("tood_shapes_val")
     assert meta.thing_classes == list(synthetic.CLASSES) and meta.evaluator_type == "coco"
     tood.data.register_all()  # again: replaces, does not raise

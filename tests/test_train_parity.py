@@ -82,8 +82,9 @@ def training_batch(train_oracle):
     return batch
 
 
-@pytest.fixture(scope="module")
-def trajectory(train_oracle, e2e_oracle):
+def run_trajectory(train_oracle, e2e_oracle, weight_noise: float = 0.0):
+    """The reference's steps with our builders; ``weight_noise``: multiply every trained initial weight by
+    ``1 + weight_noise * N(0, 1)`` first (a fixed draw)."""
     meta = train_oracle["meta"]
     cfg = LazyConfig.load(CONFIG)
     cfg.model.tal_start_iter = meta["tal_from"]
@@ -93,6 +94,12 @@ def trajectory(train_oracle, e2e_oracle):
     model.load_state_dict(state_dict)
     model.train()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    if weight_noise:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(1 + weight_noise * torch.randn(p.shape, generator=generator))
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
@@ -102,6 +109,11 @@ def trajectory(train_oracle, e2e_oracle):
     torch.set_num_threads(2)  # the reference's thread count
     trainer.train(0, meta["steps"])
     return dict(model=model, optimizer=optimizer, initial=initial, recorder=recorder)
+
+
+@pytest.fixture(scope="module")
+def trajectory(train_oracle, e2e_oracle):
+    return run_trajectory(train_oracle, e2e_oracle)
 
 
 def theirs(name: str) -> str:
@@ -133,6 +145,25 @@ def test_losses_of_the_task_aligned_steps(trajectory, train_oracle):
     steps = range(train_oracle["meta"]["tal_from"], train_oracle["meta"]["steps"])
     assert list(steps) == sorted(TAL_LOSS_RTOL)
     check_losses(trajectory, train_oracle, steps, TAL_LOSS_RTOL.get)
+
+
+def test_the_task_aligned_steps_are_chaotic(trajectory, train_oracle, e2e_oracle):
+    """The control behind the envelope: our own run again with the initial weights moved by 1e-7 (relative, about
+    one float32 rounding) keeps the warm-up steps' losses to 1e-5 but moves the task-aligned steps' by more than the
+    issue's 1e-4 (measured here: 8e-4 at step 2 and 3e-3 at step 3, where the reference is 1.0e-3 and 2.0e-2 from
+    our run)."""
+    perturbed = run_trajectory(train_oracle, e2e_oracle, weight_noise=1e-7)["recorder"].losses
+    ours = trajectory["recorder"].losses
+    tal_from = train_oracle["meta"]["tal_from"]
+    for step, (a, b) in enumerate(zip(ours, perturbed)):
+        moved = relative(b["loss_cls"], a["loss_cls"])
+        to_ref = relative(a["loss_cls"], float(train_oracle["steps"][step]["loss_cls_sum"]))
+        print(f"step {step}: the perturbation moves the classification loss by {moved:.1e} (ours vs ref {to_ref:.1e})")
+        if step < tal_from:
+            assert moved <= 1e-5, step
+        else:
+            assert moved > LOSS_RTOL, step
+            assert moved <= TAL_LOSS_RTOL[step], step
 
 
 def test_frozen_tensors_are_the_reference_s(trajectory, train_oracle):
