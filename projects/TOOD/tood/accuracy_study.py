@@ -162,7 +162,9 @@ def evaluate(config_file: str, weights: str, out_dir: str, opts: Sequence[str]) 
 def _alignment(config_file: str, weights: str, out_dir: str, dataset: str, max_images: int) -> Dict[str, float]:
     path = os.path.join(out_dir, "alignment.json")
     if not os.path.isfile(path):
-        alignment_report({"model": (config_file, weights)}, out_dir, dataset=dataset, max_images=max_images)
+        alignment_report(
+            {"model": (config_file, weights)}, out_dir, dataset=dataset, max_images=max_images, num_figures=0
+        )
     with open(path) as f:
         metrics = json.load(f)["models"]["model"]
     return {m: metrics[m] for m in ALIGNMENT_METRICS}
