@@ -34,17 +34,12 @@ from pathlib import Path
 import torch
 
 import tood  # noqa: F401  registers TOOD's meta-architecture and config resolvers
+from tood.benchmarks import image_size
 from tood.benchmarks.assigner import assigner_table
 from tood.benchmarks.detectors import RETINANET_CONFIG, compare_with_retinanet
 from tood.benchmarks.profiling import profile_models
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tood_R_50_1x.py"
-
-
-def size(text):
-    """``HxW`` -> (H, W)."""
-    h, w = (int(v) for v in text.lower().split("x"))
-    return h, w
 
 
 def argument_parser():
@@ -56,12 +51,14 @@ def argument_parser():
     parser.add_argument("--config-file", default=str(DEFAULT_CONFIG), help="TOOD LazyConfig")
     parser.add_argument("--device", nargs="+", help="cpu and/or cuda (default: cpu, and cuda where available)")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "amp"], help="default: fp32 on CPU, both on CUDA")
-    parser.add_argument("--size", type=size, help="HxW of the timed images (default: 800x1333 on CUDA, 320x512 on CPU)")
+    parser.add_argument(
+        "--size", type=image_size, help="HxW of the timed images (default: 800x1333 on CUDA, 320x512 on CPU)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="inference (default: 1 8 on CUDA, 1 2 on CPU)")
     parser.add_argument("--train-batch", type=int, help="training batch (default: 2)")
     parser.add_argument("--iters", type=int, help="timed rounds (default: 20 on CUDA, 3 on CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--flops-size", type=size, default=(800, 1333), help="HxW of the FLOPs count")
+    parser.add_argument("--flops-size", type=image_size, default=(800, 1333), help="HxW of the FLOPs count")
     parser.add_argument("--gts", type=int, default=8, help="ground-truth boxes per training image")
     parser.add_argument("--tood-phase", choices=["tal", "atss"], default="tal", help="TOOD's assignment phase")
     parser.add_argument(

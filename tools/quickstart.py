@@ -16,6 +16,7 @@ import argparse
 import os
 import time
 
+import torch
 from detectron2.data import DatasetCatalog
 
 from tood.engine import LazyPredictor, ProgressBar, argument_parser, do_train, setup
@@ -45,7 +46,8 @@ def main(argv=None):
     cfg = setup(train_args)
 
     start = time.perf_counter()
-    results = do_train(train_args, cfg, extra_hooks=[ProgressBar()])
+    progress = ProgressBar()
+    results = do_train(train_args, cfg, extra_hooks=[progress])
     elapsed = time.perf_counter() - start
 
     cfg.train.init_checkpoint = os.path.join(args.output, "model_final.pth")
@@ -54,7 +56,11 @@ def main(argv=None):
     paths = [d["file_name"] for d in DatasetCatalog.get(val_name)[: args.num_images]]
     drawn = run_on_images(predictor, paths, os.path.join(args.output, "predictions"), args.confidence_threshold)
 
-    print(f"\nTrained {cfg.train.max_iter} iterations and evaluated in {elapsed / 60:.1f} min.")
+    print(
+        f"\nTrained {progress.iterations} iterations in {progress.seconds / 60:.1f} min "
+        f"({progress.seconds / max(progress.iterations, 1):.2f} s/iteration, {torch.get_num_threads()} threads) "
+        f"and evaluated: {elapsed / 60:.1f} min in all."
+    )
     if "bbox" in results:
         print(f"Box AP on {val_name}: {results['bbox']['AP']:.1f} (AP50 {results['bbox']['AP50']:.1f})")
     print(f"Model: {cfg.train.init_checkpoint}; log: {os.path.join(args.output, 'log.txt')}")

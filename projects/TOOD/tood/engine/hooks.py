@@ -7,7 +7,13 @@ __all__ = ["ProgressBar"]
 
 
 class ProgressBar(HookBase):
-    """A tqdm bar over the training iterations: rate, ETA and the latest total loss."""
+    """A tqdm bar over the training iterations: rate, ETA and the latest total loss.
+
+    After training, ``seconds`` and ``iterations`` are the wall time and the number of the iterations this run
+    trained (from ``start_iter``, hooks included).
+    """
+
+    seconds = iterations = 0
 
     def before_train(self):
         self._bar = tqdm(
@@ -21,4 +27,6 @@ class ProgressBar(HookBase):
             self._bar.set_postfix(loss=f"{history.latest():.3f}", refresh=False)
 
     def after_train(self):
+        self.seconds = self._bar.format_dict["elapsed"]
+        self.iterations = self._bar.n - self._bar.initial
         self._bar.close()
