@@ -36,6 +36,7 @@ __all__ = [
     "benchmark_device",
     "build_models",
     "compare_with_retinanet",
+    "device_description",
     "count_flops",
     "make_batch",
     "model_size_table",
@@ -182,6 +183,11 @@ def model_size_table(models: Dict[str, DenseDetector], flops_size: Tuple[int, in
     return str(table)
 
 
+def device_description(device: torch.device) -> str:
+    """The GPU's name, or "CPU (N threads)": where a benchmark ran, for its table's title."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
 def benchmark_device(
     models: Dict[str, DenseDetector],
     device,
@@ -199,10 +205,7 @@ def benchmark_device(
     device = torch.device(device)
     amp = precision == "amp"
     num_classes = models["TOOD"].num_classes
-    if device.type == "cuda":
-        where, amp_dtype = torch.cuda.get_device_name(device), "float16"
-    else:
-        where, amp_dtype = f"CPU ({torch.get_num_threads()} threads)", "bfloat16"
+    where, amp_dtype = device_description(device), "float16" if device.type == "cuda" else "bfloat16"
     table = _Table(
         f"{where}, {'AMP ' + amp_dtype if amp else 'fp32'}, {size[0]}x{size[1]}, "
         f"median of {iters} after {warmup} warm-up"

@@ -17,7 +17,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
 
 from ..engine.benchmark import median_times
-from .detectors import TrainStep, make_batch
+from .detectors import TrainStep, device_description, make_batch
 
 __all__ = ["TrainingVariant", "training_variants", "training_speed_table"]
 
@@ -84,7 +84,7 @@ def training_speed_table(
     steps = {v.name: _train_step(config_file, v, device, num_gts) for v in variants}
     with EventStorage(0):
         seconds = median_times(steps, iters, warmup, device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    where = device_description(device)
     base = seconds[variants[0].name]
     lines = [
         f"Training {config_file} on {where}, median of {iters} alternating rounds after {warmup} warm-up",
