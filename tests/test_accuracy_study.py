@@ -12,7 +12,7 @@ from detectron2.config import LazyConfig, instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO_ROOT
-from tood.accuracy_study import MATCHED_POSTPROCESSING, Detector, Setting, run_protocol
+from tood.accuracy_study import MATCHED_POSTPROCESSING, Detector, Setting, run_protocol, train
 from tood.data import register_shapes_dataset
 
 # The models of tools/accuracy_study.py, in its order.
@@ -125,7 +125,8 @@ def test_protocol_sweeps_selects_seeds_and_reports(tmp_path, one_thread):
     # The control never switches to task-aligned assignment; TOOD does, after a third of its iterations.
     switch = "task-aligned assignment (TAL) from iteration"
     assert switch in (tmp_path / results["runs"]["TOOD"][0]["run_dir"] / "log.txt").read_text()
-    assert switch not in (out / "seeds" / "tood__atss_only_" / "seed0" / "log.txt").read_text()
+    control = out / "seeds" / "tood__atss_only_" / results["selected"]["TOOD"] / "seed0"
+    assert switch not in (control / "log.txt").read_text()
 
     table = (out / "results.md").read_text()
     assert all(p in table for p in MATCHED_POSTPROCESSING)
@@ -141,3 +142,14 @@ def test_protocol_sweeps_selects_seeds_and_reports(tmp_path, one_thread):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "results.json" or p.parent != out} == {
         p: t for p, t in mtimes.items() if p.name != "results.json" or p.parent != out
     }
+
+
+def test_a_run_of_another_setting_is_not_reused(tmp_path):
+    # A finished run's folder, trained with SGD: asked for AdamW there, the study stops before training or reading it.
+    run = tmp_path / "seed1"
+    run.mkdir()
+    (run / "setting.json").write_text(json.dumps(Setting("SGD", 0.01, 1e-4).__dict__))
+    for name in ("model_final.pth", "metrics.json"):
+        (run / name).write_text("")
+    with pytest.raises(RuntimeError, match=r"seed1 was trained with .*'SGD'.*move or delete it"):
+        train(MODELS["TOOD"], str(run), Setting("AdamW", 1e-3, 0.05), TINY)

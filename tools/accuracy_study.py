@@ -4,11 +4,12 @@ generated shapes under one protocol (tood.accuracy_study.run_protocol).
 
 The detectors share the backbone, input normalisation, data, batch, iterations and schedule (configs/
 quickstart_shapes.py, quickstart_shapes_retinanet.py, quickstart_shapes_fcos.py); each keeps its head, assignment,
-losses and post-processing. Every detector gets the same optimiser sweep (AdamW lr 1e-3 / 3e-4, SGD lr 0.01),
-selected on tood_shapes_tune; its setting is then trained with every seed and evaluated on tood_shapes_val, with its
-own and with a matched post-processing, and its alignment measured. The controls take TOOD's selected setting:
-"TOOD (ATSS only)" never switches to task-aligned assignment (the paper's ablation), "TOOD (prior 0.01)" starts the
-alignment map at sigmoid(M) = 0.01 as the reference does instead of the quick start's 0.5.
+losses and post-processing. Every detector gets the same optimiser sweep (AdamW lr 3e-4 / 1e-3 / 2e-3 / 4e-3,
+SGD lr 0.01), selected on tood_shapes_tune; its setting is then trained with every seed and evaluated on
+tood_shapes_val, with its own and with a matched post-processing, and its alignment measured. The controls take
+TOOD's selected setting: "TOOD (ATSS only)" never switches to task-aligned assignment (the paper's ablation),
+"TOOD (prior 0.01)" starts the alignment map at sigmoid(M) = 0.01 as the reference does instead of the quick
+start's 0.5.
 
 Everything goes into --output (one folder per run; results.md, results.json, ap.png); run the same command again to
 resume an interrupted study. Extra key=value arguments override every config.

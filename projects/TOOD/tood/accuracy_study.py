@@ -82,9 +82,15 @@ class Setting:
         )
 
 
-# AdamW at the quick start's rate and at a third of it; SGD at the rate of Detectron2's RetinaNet and FCOS recipes
-# (0.01, for a total batch of 16).
-SWEEP = (Setting("AdamW", 1e-3, 0.05), Setting("AdamW", 3e-4, 0.05), Setting("SGD", 0.01, 1e-4))
+# AdamW at the quick start's rate, at a third of it and at two and four times it (so that no detector's best rate
+# is at the sweep's edge); SGD at the rate of Detectron2's RetinaNet and FCOS recipes (0.01, for a total batch of 16).
+SWEEP = (
+    Setting("AdamW", 1e-3, 0.05),
+    Setting("AdamW", 3e-4, 0.05),
+    Setting("AdamW", 2e-3, 0.05),
+    Setting("AdamW", 4e-3, 0.05),
+    Setting("SGD", 0.01, 1e-4),
+)
 
 
 @dataclass(frozen=True)
@@ -133,14 +139,24 @@ def _final_ap(run_dir: str) -> Dict[str, float]:
 def train(config_file: str, run_dir: str, setting: Setting, opts: Sequence[str]) -> Dict[str, float]:
     """Trains into ``run_dir`` as ``tools/train_net.py --resume`` does (continuing an unfinished run; a finished one
     is kept) and returns the box metrics of its final evaluation on ``dataloader.test``."""
+    path = os.path.join(run_dir, "setting.json")
+    if os.path.isfile(path):
+        # A run kept or resumed must be this setting's: one trained with another would enter the tables silently.
+        with open(path) as f:
+            kept = json.load(f)
+        if kept != setting.__dict__:
+            raise RuntimeError(
+                f"{run_dir} was trained with {kept}, not with {setting.__dict__}: move or delete it to train it anew"
+            )
     if not _finished(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(setting.__dict__, f)
         args = argument_parser().parse_args(["--config-file", config_file, "--resume", *opts])
         args.opts.append(f"train.output_dir={run_dir}")
         with _own_log_files():
             cfg = setup(args, configure=setting.apply)
             do_train(args, cfg)
-        with open(os.path.join(run_dir, "setting.json"), "w") as f:
-            json.dump(setting.__dict__, f)
     return _final_ap(run_dir)
 
 
@@ -232,7 +248,7 @@ def run_protocol(
             if seed == seeds[0] and not detector.tuned_like:
                 run_dir = os.path.join(output_dir, "sweep", _slug(name), setting.name)
             else:
-                run_dir = os.path.join(output_dir, "seeds", _slug(name), f"seed{seed}")
+                run_dir = os.path.join(output_dir, "seeds", _slug(name), setting.name, f"seed{seed}")
                 print(f"seeds: {name} with {setting.name}, seed {seed}: {run_dir}", flush=True)
                 train(detector.config_file, run_dir, setting, train_opts(detector, seed))
             weights = os.path.join(run_dir, "model_final.pth")
