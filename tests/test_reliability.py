@@ -642,6 +642,25 @@ def test_failing_worker_ends_the_run(kind, words):
         assert "Process 0 terminated" in message and ("timed out" in message.lower() or "timeout" in message.lower())
 
 
+def test_a_finished_worker_tears_its_process_group_down():
+    # One gloo process, in this one: once the main function returns, nothing of the group is left for interpreter
+    # exit to tear down (there, gloo's teardown could race another process's).
+    from detectron2.engine.launch import _find_free_port
+
+    from tood.engine.launch import _cpu_worker
+
+    seen = []
+    threads, local_group = torch.get_num_threads(), comm._LOCAL_PROCESS_GROUP
+    try:
+        url = f"tcp://127.0.0.1:{_find_free_port()}"
+        _cpu_worker(0, lambda: seen.append(comm.get_world_size()), 1, 1, 0, url, (), timedelta(seconds=30))
+    finally:
+        torch.set_num_threads(threads)
+        comm._LOCAL_PROCESS_GROUP = local_group
+    assert seen == [1]
+    assert not torch.distributed.is_initialized()
+
+
 def _normalizer_worker(out_dir):
     rank = comm.get_rank()
     # Rank 0: classification targets summing to 3, box weights to 2; rank 1: 7 and 6.

@@ -28,6 +28,10 @@ def _cpu_worker(local_rank, main_func, world_size, num_processes_per_machine, ma
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes_per_machine))
     comm.synchronize()
     main_func(*args)
+    # Tear the process group down once every process is done with its collectives: left to interpreter exit, gloo's
+    # teardown can race the other process's (a finished two-process test run once ended in SIGABRT).
+    comm.synchronize()
+    dist.destroy_process_group()
 
 
 def launch(
