@@ -36,8 +36,8 @@ __all__ = [
     "benchmark_device",
     "build_models",
     "compare_with_retinanet",
-    "device_description",
     "count_flops",
+    "device_description",
     "make_batch",
     "model_size_table",
 ]
