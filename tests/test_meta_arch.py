@@ -1,6 +1,7 @@
 """The TOOD meta-architecture end to end on CPU: both variants train a step in both phases and run inference."""
 
 import copy
+from collections import defaultdict
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from tests.conftest import REPO_ROOT
 
@@ -142,3 +145,51 @@ def test_model_is_deepcopyable_and_deterministic_in_eval():
         a = model(inputs)[0]["instances"]
         b = clone(inputs)[0]["instances"]
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+class FloatOutputs(TorchDispatchMode):
+    """Records the dtype of every floating tensor that any operator computes, with the operators that made it.
+
+    Views compute nothing and are left out (Detectron2's ``Boxes`` of the inputs are float32 by design, and reshaping
+    them is no computation in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = defaultdict(set)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in () if func.is_view else tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.ops[t.dtype].add(str(func.overloadpacket))
+        return out
+
+
+@pytest.mark.parametrize("iteration", [0, 10], ids=["atss_warmup", "task_aligned"])
+def test_a_float64_model_computes_in_float64(iteration):
+    """With ``model.double()``, every floating tensor of the forward pass, the assignment, the losses and the
+    backward pass is float64: no step of the head, priors, assigners, targets or losses falls back to float32."""
+    model = small_tood(tal_start_iter=10).double()
+    model.train()
+    inputs = make_inputs(num_boxes=(3, 0, 1))
+    with EventStorage(iteration), FloatOutputs() as record:
+        losses = model(inputs)
+        sum(losses.values()).backward()
+    assert {v.dtype for v in losses.values()} == {torch.float64}
+    assert dict(record.ops).keys() == {torch.float64}, {k: sorted(v) for k, v in record.ops.items()}
+    assert all(p.grad.dtype == torch.float64 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("iteration", [0, 10], ids=["atss_warmup", "task_aligned"])
+def test_bfloat16_autocast_keeps_boxes_and_losses_in_float32(iteration):
+    """Under CPU autocast the convolutions run in bfloat16, while the head's outputs (scores and boxes), the priors
+    and the losses stay float32."""
+    model = small_tood(tal_start_iter=10)
+    model.train()
+    with EventStorage(iteration), FloatOutputs() as record, torch.autocast("cpu", dtype=torch.bfloat16):
+        images = model.preprocess_image(make_inputs())
+        predictions = model.head([model.backbone(images.tensor)[f] for f in model.head_in_features])
+        losses = model(make_inputs())
+    assert torch.bfloat16 in record.ops and "aten.convolution" in record.ops[torch.bfloat16]
+    assert {x.dtype for level in predictions for x in level} == {torch.float32}
+    assert {v.dtype for v in losses.values()} == {torch.float32}

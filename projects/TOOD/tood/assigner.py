@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from .layers import at_least_float32
+
 __all__ = ["ATSSAssigner", "ATSSAssignment", "TaskAlignedAssigner", "TaskAlignment", "paired_box_iou"]
 
 # An anchor centre is inside a GT only if all four distances to its sides exceed this (pixels), as in mmdet.
@@ -50,9 +52,9 @@ def _centre_inside(points: Tensor, boxes: Tensor) -> Tensor:
     return dist.amin(dim=-1) > INSIDE_MARGIN
 
 
-def _pad_gts(gt_boxes: Sequence[Tensor], device) -> Tuple[Tensor, Tensor]:
-    """Per-image GT boxes -> ``(B, G, 4)`` float32 zero-padded, and ``(B, G)`` bool marking real GTs."""
-    boxes = pad_sequence([b.to(device=device, dtype=torch.float32).reshape(-1, 4) for b in gt_boxes], batch_first=True)
+def _pad_gts(gt_boxes: Sequence[Tensor], device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Per-image GT boxes -> ``(B, G, 4)`` of ``dtype`` zero-padded, and ``(B, G)`` bool marking real GTs."""
+    boxes = pad_sequence([b.to(device=device, dtype=dtype).reshape(-1, 4) for b in gt_boxes], batch_first=True)
     counts = torch.tensor([len(b) for b in gt_boxes], device=device)
     return boxes, torch.arange(boxes.shape[1], device=device) < counts[:, None]
 
@@ -149,8 +151,8 @@ class ATSSAssigner:
                 statistics but never become positive; the reference drops them from the statistics too.)
         """
         num_imgs, num_anchors = len(gt_boxes), prior_boxes.shape[0]
-        priors = prior_boxes.float()
-        gts, valid = _pad_gts(gt_boxes, priors.device)
+        priors = at_least_float32(prior_boxes)
+        gts, valid = _pad_gts(gt_boxes, priors.device, priors.dtype)
         centres = (priors[:, :2] + priors[:, 2:]) / 2.0
         level_ends = torch.tensor(num_anchors_per_level).cumsum(0).tolist()
         level_starts = [0] + level_ends[:-1]
@@ -278,19 +280,19 @@ class TaskAlignedAssigner:
             gt_labels: B tensors (n_i,) class indices in [0, C).
 
         Returns:
-            TaskAlignment of (B, A) tensors; computed in float32.
+            TaskAlignment of (B, A) tensors; computed in float32 (float64 for float64 boxes).
         """
         num_imgs, num_anchors, num_classes = pred_scores.shape
         device = pred_scores.device
-        gts, valid = _pad_gts(gt_boxes, device)
+        blocks = _AnchorBlocks(at_least_float32(pred_boxes.detach()))
+        gts, valid = _pad_gts(gt_boxes, device, blocks.boxes.dtype)
         labels = pad_sequence(
             [lab.to(device=device, dtype=torch.long).reshape(-1) for lab in gt_labels], batch_first=True
         )
         num_gts = gts.shape[1]
-        blocks = _AnchorBlocks(pred_boxes.detach().float())
         flat_boxes = blocks.boxes.view(-1, 4)
         flat_scores = pred_scores.detach().reshape(-1)
-        points = anchor_points.float()
+        points = anchor_points.to(gts.dtype)
         flat_gts = gts.view(-1, 4)
         gt_search = torch.where(valid[..., None], _emptied(gts), gts.new_tensor(_EMPTY_BOX))
 
@@ -308,7 +310,8 @@ class TaskAlignedAssigner:
             gt_box = flat_gts.index_select(0, group)
             iou = paired_box_iou(flat_boxes.index_select(0, slot), gt_box)[0]
             label = labels.view(-1).index_select(0, group)
-            metric = flat_scores.index_select(0, slot * num_classes + label).float() ** self.alpha * iou**self.beta
+            score = flat_scores.index_select(0, slot * num_classes + label).to(iou.dtype)
+            metric = score**self.alpha * iou**self.beta
             # Pairs come grouped by GT: the top-k of each group is over all levels together.
             cand = (_topk_within_groups(group, metric, self.topk) & (metric > 0)).nonzero().squeeze(1)
             slot, group, gt_box, iou, metric = (x.index_select(0, cand) for x in (slot, group, gt_box, iou, metric))

@@ -14,7 +14,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import Tensor, nn
 
-from .layers import ModulatedDeformConv2d, Scale, align_boxes, sigmoid_geometric_mean
+from .layers import ModulatedDeformConv2d, Scale, align_boxes, at_least_float32, sigmoid_geometric_mean
 from .priors import level_boxes, level_points
 
 __all__ = ["TOODHead", "TaskDecomposition", "decode_delta_xywh"]
@@ -252,9 +252,11 @@ class TOODHead(nn.Module):
         """
         return [self._level_points(size, s, torch.device(device), dtype) for size, s in zip(sizes, self.strides)]
 
-    def prior_boxes(self, sizes: Sequence[Tuple[int, int]], device: torch.device) -> List[Tensor]:
+    def prior_boxes(
+        self, sizes: Sequence[Tuple[int, int]], device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> List[Tensor]:
         """Per level (Hi * Wi, 4) xyxy pixel squares of side ``octave_base_scale * stride`` around the points."""
-        points = self.prior_points(sizes, device)
+        points = self.prior_points(sizes, device, dtype)
         return [level_boxes(p, s, self.octave_base_scale) for p, s in zip(points, self.strides)]
 
     def _level_points(self, size, stride: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -277,8 +279,9 @@ class TOODHead(nn.Module):
                 already probabilities.
             bbox_preds: per level (N, 4, Hi, Wi), aligned boxes xyxy in units of the level's stride (multiply by
                 the stride for pixels); where the aligned box is invalid (x1 > x2 or y1 > y2) the unaligned one.
-            Both are float32, also under autocast: boxes of up to ~100 strides need sub-pixel precision, beyond the
-            8 (bfloat16) or 11 (float16) significant bits, and the losses on P are computed in float32.
+            Both are float32 under autocast (boxes of up to ~100 strides need sub-pixel precision, beyond the 8
+            (bfloat16) or 11 (float16) significant bits, and the losses on P are computed in float32); float64 in a
+            float64 model.
         """
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature levels, got {len(features)}")
@@ -294,11 +297,13 @@ class TOODHead(nn.Module):
             reg_feat = self.reg_decomp(feat, avg_feat)
 
             cls_scores.append(
-                sigmoid_geometric_mean(self.cls_score(cls_feat).float(), self.alignment_map(feat).float())
+                sigmoid_geometric_mean(
+                    at_least_float32(self.cls_score(cls_feat)), at_least_float32(self.alignment_map(feat))
+                )
             )
 
-            boxes = self._decode_boxes(self.bbox_pred(reg_feat).float(), scale, stride)
-            aligned = align_boxes(boxes, self.offset_map(feat).float())
+            boxes = self._decode_boxes(at_least_float32(self.bbox_pred(reg_feat)), scale, stride)
+            aligned = align_boxes(boxes, at_least_float32(self.offset_map(feat)))
             # As mmdet 3.x: where the sampled corners crossed, keep the unaligned box (a crossed box makes GIoU < 0).
             invalid = (aligned[:, 0:1] > aligned[:, 2:3]) | (aligned[:, 1:2] > aligned[:, 3:4])
             bbox_preds.append(torch.where(invalid, boxes, aligned))

@@ -12,7 +12,16 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
 
-__all__ = ["Scale", "sigmoid_geometric_mean", "align_boxes", "ModulatedDeformConv2d"]
+__all__ = ["Scale", "at_least_float32", "sigmoid_geometric_mean", "align_boxes", "ModulatedDeformConv2d"]
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` as float32, or unchanged if it is wider (float64).
+
+    Boxes, scores and losses are upcast from autocast's bfloat16 / float16 (too coarse for sub-pixel boxes and for
+    the losses); a model run in float64 keeps computing in float64.
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class Scale(nn.Module):

@@ -4,7 +4,7 @@ Semantics of mmdetection 3.3's ``TOODHead.loss_by_feat``: warm-up (ATSS targets)
 and GIoU weighted by the ATSS centerness, normalised by the number of positives and the centerness sum; task
 alignment learning uses quality focal loss with the targets t_hat and GIoU weighted by t_hat, both normalised by
 the sum of t_hat. Normalisers are averaged over ranks (so that DDP's gradient averaging gives the global loss) and
-clamped to >= 1. Every loss is computed in float32, also under autocast.
+clamped to >= 1. Every loss is computed in float32 under autocast, and in float64 for a float64 model.
 """
 
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from torch import Tensor, nn
 
 from .assigner import IOU_EPS, ATSSAssigner, TaskAlignedAssigner, paired_box_iou
+from .layers import at_least_float32
 
 __all__ = ["TOODLoss", "TOODTargets", "focal_loss_prob", "giou_loss", "quality_focal_loss_prob"]
 
@@ -199,7 +200,7 @@ class TOODLoss(nn.Module):
                 reference's valid flags.
 
         Returns:
-            {"loss_cls", "loss_box_reg"}: float32 scalars.
+            {"loss_cls", "loss_box_reg"}: scalars in the dtype of ``at_least_float32(cls_scores)``.
         """
         if not torch.isfinite(cls_scores).all():
             # Diverged weights: binary cross-entropy refuses probabilities outside [0, 1]. NaN losses (still attached
@@ -246,29 +247,34 @@ class TOODLoss(nn.Module):
             assigned = self.tal_assigner(cls_scores, bbox_preds, prior_points, gt_boxes, gt_labels)
             gt_index = assigned.gt_index
         pos = (gt_index >= 0).nonzero(as_tuple=True)
-        device = cls_scores.device
+        # Targets in the dtype the losses are computed in (float32, or float64 for a float64 model).
+        device, dtype = cls_scores.device, torch.promote_types(bbox_preds.dtype, torch.float32)
         labels = torch.full((num_imgs, num_anchors), num_classes, dtype=torch.long, device=device)
-        bbox_targets = torch.zeros(num_imgs, num_anchors, 4, device=device)
+        bbox_targets = torch.zeros(num_imgs, num_anchors, 4, device=device, dtype=dtype)
         if pos[0].numel():
             img, gt = pos[0], gt_index[pos]
             offsets = torch.tensor([0] + [len(b) for b in gt_boxes], device=device).cumsum(0)[img]
             labels[pos] = torch.cat([lab.to(device) for lab in gt_labels])[offsets + gt]
-            bbox_targets[pos] = torch.cat([b.to(device=device, dtype=torch.float32) for b in gt_boxes])[offsets + gt]
+            bbox_targets[pos] = torch.cat([b.to(device=device, dtype=dtype) for b in gt_boxes])[offsets + gt]
         if warmup:
-            alignment_metrics = (gt_index >= 0).float()
-            bbox_weights = torch.zeros(num_imgs, num_anchors, device=device)
-            bbox_weights[pos] = centerness(prior_points.float()[pos[1]], bbox_targets[pos])
+            alignment_metrics = (gt_index >= 0).to(dtype)
+            bbox_weights = torch.zeros(num_imgs, num_anchors, device=device, dtype=dtype)
+            bbox_weights[pos] = centerness(prior_points.to(dtype)[pos[1]], bbox_targets[pos])
         else:
-            alignment_metrics = bbox_weights = assigned.alignment_target
-        label_weights = torch.ones(num_imgs, num_anchors, device=device) if valid_mask is None else valid_mask.float()
+            alignment_metrics = bbox_weights = assigned.alignment_target.to(dtype)
+        if valid_mask is None:
+            label_weights = torch.ones(num_imgs, num_anchors, device=device, dtype=dtype)
+        else:
+            label_weights = valid_mask.to(dtype)
         return TOODTargets(labels, bbox_targets, alignment_metrics, bbox_weights, label_weights)
 
     def anchor_losses(
         self, cls_scores: Tensor, bbox_preds: Tensor, strides_per_anchor: Tensor, targets: TOODTargets, warmup: bool
     ) -> Tuple[Tensor, Tensor]:
-        """Weighted, unnormalised classification and GIoU losses of every anchor, two (N, A) float32 tensors."""
+        """Weighted, unnormalised classification and GIoU losses of every anchor, two (N, A) tensors (float32, or
+        float64 for float64 predictions)."""
         with torch.autocast(cls_scores.device.type, enabled=False):
-            probs, boxes = cls_scores.float(), bbox_preds.float()
+            probs, boxes = at_least_float32(cls_scores), at_least_float32(bbox_preds)
             if warmup:
                 cls_losses = focal_loss_prob(probs, targets.labels, self.focal_alpha, self.focal_gamma)
             else:

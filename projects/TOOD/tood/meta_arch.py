@@ -124,16 +124,17 @@ class TOOD(DenseDetector):
     def forward_training(self, images: ImageList, features, predictions, gt_instances: List[Instances]):
         scores, boxes = (torch.cat(x, dim=1) for x in self.level_predictions(predictions))
         sizes = [tuple(x.shape[-2:]) for x in predictions[0]]
-        device = scores.device
-        points = self.head.prior_points(sizes, device)
+        # Priors in the predictions' dtype: float32, or float64 in a float64 model.
+        device, dtype = scores.device, scores.dtype
+        points = self.head.prior_points(sizes, device, dtype)
         num_per_level = [len(p) for p in points]
         strides = torch.cat(
-            [torch.full((n,), float(s), device=device) for n, s in zip(num_per_level, self.head.strides)]
+            [torch.full((n,), float(s), device=device, dtype=dtype) for n, s in zip(num_per_level, self.head.strides)]
         )
         return self.criterion(
             scores,
             boxes,
-            torch.cat(self.head.prior_boxes(sizes, device)),
+            torch.cat(self.head.prior_boxes(sizes, device, dtype)),
             torch.cat(points),
             num_per_level,
             strides,
