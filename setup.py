@@ -10,9 +10,10 @@ setup(
     name="tood",
     version="0.1.0",
     description="TOOD (Task-aligned One-stage Object Detection) for Detectron2",
+    license="Apache-2.0",
     package_dir={"": "projects/TOOD"},
     packages=find_packages("projects/TOOD"),
-    python_requires=">=3.8",
+    python_requires=">=3.11",
     install_requires=[
         "torch>=1.10",
         "torchvision>=0.11",

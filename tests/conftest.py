@@ -38,6 +38,57 @@ def train_oracle():
     return _load_oracle("tood_train_mmdet_seed0.pt")
 
 
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    """The folder (annotations.json, images/) of a generated dataset of 8 images of 128 px, 6 classes."""
+    from tood.data import get_shapes_dataset  # here: tests/test_env.py checks the environment without tood
+
+    return get_shapes_dataset(num_images=8, seed=0, image_size=128, root=tmp_path_factory.mktemp("tiny_shapes"))
+
+
+def register_coco_args(folder, *names):
+    """tools/train_net.py's ``--register-coco NAME JSON IMAGE_ROOT`` of the dataset in ``folder``, for each name."""
+    args = []
+    for name in names:
+        args += ["--register-coco", name, str(folder / "annotations.json"), str(folder / "images")]
+    return args
+
+
+def tiny_yaml_overrides(dataset, output_dir, **overrides):
+    """``KEY VALUE`` overrides, as strings on a command line, that shrink configs/COCO-Detection/tood_R_50_FPN_1x.yaml
+    to seconds on CPU: R-18 with trainable BN, 64 channels, 128 px images of ``dataset``, 4 iterations at batch 2."""
+    opts = {
+        "MODEL.DEVICE": "cpu",
+        "MODEL.WEIGHTS": "",
+        "MODEL.RESNETS.DEPTH": 18,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
+        "MODEL.RESNETS.NORM": "BN",
+        "MODEL.BACKBONE.FREEZE_AT": 0,
+        "MODEL.FPN.OUT_CHANNELS": 64,
+        "MODEL.TOOD.FEAT_CHANNELS": 64,
+        "MODEL.TOOD.NUM_CONVS": 2,
+        "MODEL.TOOD.NUM_CLASSES": 6,
+        "MODEL.TOOD.TAL_START_ITER": 2,
+        "MODEL.TOOD.SCORE_THRESH_TEST": 0.0,
+        "DATASETS.TRAIN": (dataset,),
+        "DATASETS.TEST": (dataset,),
+        "DATALOADER.NUM_WORKERS": 0,
+        "INPUT.MIN_SIZE_TRAIN": (128,),
+        "INPUT.MAX_SIZE_TRAIN": 128,
+        "INPUT.MIN_SIZE_TEST": 128,
+        "INPUT.MAX_SIZE_TEST": 128,
+        "SOLVER.IMS_PER_BATCH": 2,
+        "SOLVER.BASE_LR": 0.001,
+        "SOLVER.WARMUP_ITERS": 1,
+        "SOLVER.MAX_ITER": 4,
+        "SOLVER.STEPS": (3,),
+        "SOLVER.CHECKPOINT_PERIOD": 2,
+        "OUTPUT_DIR": output_dir,
+        **overrides,
+    }
+    return [str(x) for kv in opts.items() for x in kv]
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, tiny_yaml_overrides
 from tood import add_tood_config
 from tood.data import register_shapes_dataset
 from tood.engine import Trainer
@@ -21,36 +21,7 @@ def tiny_cfg(tmp_path, **overrides):
     cfg = get_cfg()
     add_tood_config(cfg)
     cfg.merge_from_file(str(REPO_ROOT / "configs" / "COCO-Detection" / "tood_R_50_FPN_1x.yaml"))
-    opts = {
-        "MODEL.DEVICE": "cpu",
-        "MODEL.WEIGHTS": "",
-        "MODEL.RESNETS.DEPTH": 18,
-        "MODEL.RESNETS.RES2_OUT_CHANNELS": 64,
-        "MODEL.RESNETS.NORM": "BN",
-        "MODEL.BACKBONE.FREEZE_AT": 0,
-        "MODEL.FPN.OUT_CHANNELS": 64,
-        "MODEL.TOOD.FEAT_CHANNELS": 64,
-        "MODEL.TOOD.NUM_CONVS": 2,
-        "MODEL.TOOD.NUM_CLASSES": 6,
-        "MODEL.TOOD.TAL_START_ITER": 2,
-        "MODEL.TOOD.SCORE_THRESH_TEST": 0.0,
-        "DATASETS.TRAIN": ("yaml_tiny",),
-        "DATASETS.TEST": ("yaml_tiny",),
-        "DATALOADER.NUM_WORKERS": 0,
-        "INPUT.MIN_SIZE_TRAIN": (128,),
-        "INPUT.MAX_SIZE_TRAIN": 128,
-        "INPUT.MIN_SIZE_TEST": 128,
-        "INPUT.MAX_SIZE_TEST": 128,
-        "SOLVER.IMS_PER_BATCH": 2,
-        "SOLVER.BASE_LR": 0.001,
-        "SOLVER.WARMUP_ITERS": 1,
-        "SOLVER.MAX_ITER": 4,
-        "SOLVER.STEPS": (3,),
-        "SOLVER.CHECKPOINT_PERIOD": 2,
-        "OUTPUT_DIR": str(tmp_path / "run"),
-        **overrides,
-    }
-    cfg.merge_from_list([x for kv in opts.items() for x in kv])
+    cfg.merge_from_list(tiny_yaml_overrides("yaml_tiny", tmp_path / "run", **overrides))
     return cfg
 
 

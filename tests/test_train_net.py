@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, register_coco_args
 from tood.data import get_shapes_dataset
 from tood.engine.config_checks import check_num_classes
 from tood.engine.train_loop import CPUAMPTrainer, add_gradient_clipping, build_trainer
@@ -46,16 +46,11 @@ train.seed = 0
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_shapes, tmp_path_factory):
     """(config file, --register-coco arguments) of the tiny setup."""
-    root = tmp_path_factory.mktemp("tiny")
-    folder = get_shapes_dataset(num_images=8, seed=0, image_size=128, root=root)
-    config = root / "tiny_config.py"
+    config = tmp_path_factory.mktemp("tiny") / "tiny_config.py"
     config.write_text(TINY_CONFIG.format(base=str(REPO_ROOT / "configs" / "quickstart_shapes.py")))
-    register = []
-    for name in ("tiny_train", "tiny_val"):
-        register += ["--register-coco", name, str(folder / "annotations.json"), str(folder / "images")]
-    return str(config), register
+    return str(config), register_coco_args(tiny_shapes, "tiny_train", "tiny_val")
 
 
 def run_train_net(tiny, *args):

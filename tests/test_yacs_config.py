@@ -1,6 +1,6 @@
-"""TOOD from Detectron2's yacs config: ``add_tood_config``, the YAML files, ``build_model`` and ``DefaultPredictor``."""
+"""TOOD from Detectron2's yacs config: ``add_tood_config``, the YAML files, ``build_model`` and ``DefaultPredictor``.
 
-from collections.abc import Sequence
+That each YAML file builds the network of its LazyConfig twin is tested in tests/test_yaml_zoo.py."""
 
 import numpy as np
 import pytest
@@ -14,7 +14,6 @@ from detectron2.utils.events import EventStorage
 
 from tests.conftest import REPO_ROOT
 from tood import add_tood_config
-from tood.backbone import FrozenStatsBatchNorm2d
 
 TAL_START_ITER = 29320
 
@@ -32,19 +31,6 @@ def lazy_model():
     # The default is an interpolation of train.max_iter; the YAML config states the number.
     cfg.model.tal_start_iter = TAL_START_ITER
     return instantiate(cfg.model)
-
-
-def _settings(module: torch.nn.Module) -> dict:
-    """The plain-valued attributes of a module (strides, eps, thresholds, ...), sequences as lists."""
-    scalar = (bool, int, float, str, type(None))
-    settings = {}
-    for k, v in vars(module).items():
-        if isinstance(v, scalar):
-            settings[k] = v
-        elif isinstance(v, Sequence) and all(isinstance(x, scalar) for x in v):  # LazyConfig gives ListConfigs
-            settings[k] = list(v)
-    settings.pop("_logged_phase", None)
-    return settings
 
 
 def random_inputs(with_instances: bool, size=(160, 224)):
@@ -76,33 +62,6 @@ def yaml_and_lazy_models():
     from_yaml = build_model(yaml_cfg())
     torch.manual_seed(1)
     return from_yaml, lazy_model()
-
-
-def test_yaml_builds_the_lazyconfig_network(yaml_and_lazy_models):
-    from_yaml, from_lazy = yaml_and_lazy_models
-    assert type(from_yaml) is type(from_lazy)
-    modules_yaml, modules_lazy = dict(from_yaml.named_modules()), dict(from_lazy.named_modules())
-    assert {k: type(m) for k, m in modules_yaml.items()} == {k: type(m) for k, m in modules_lazy.items()}
-    for name, module in modules_yaml.items():
-        assert _settings(module) == _settings(modules_lazy[name]), name
-    assert {k: v.shape for k, v in from_yaml.state_dict().items()} == {
-        k: v.shape for k, v in from_lazy.state_dict().items()
-    }
-    trainable = {n for n, p in from_yaml.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in from_lazy.named_parameters() if p.requires_grad}
-    # The reference: stem and res2 wholly frozen; res3-res5 norms' affine parameters trained.
-    frozen = {n for n, p in from_yaml.named_parameters() if not p.requires_grad}
-    assert frozen == {
-        n
-        for n, _ in from_yaml.named_parameters()
-        if n.startswith(("backbone.bottom_up.stem.", "backbone.bottom_up.res2."))
-    }
-    assert "backbone.bottom_up.res3.0.conv1.norm.weight" in trainable
-    assert isinstance(from_yaml.backbone.bottom_up.res3[0].conv1.norm, FrozenStatsBatchNorm2d)
-    assert from_yaml.tal_start_iter == TAL_START_ITER and from_yaml.input_format == "RGB"
-    assert torch.equal(from_yaml.pixel_mean, from_lazy.pixel_mean) and torch.equal(
-        from_yaml.pixel_std, from_lazy.pixel_std
-    )
 
 
 def test_yaml_and_lazyconfig_models_compute_the_same(yaml_and_lazy_models):

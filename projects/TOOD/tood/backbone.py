@@ -4,8 +4,11 @@ import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, FPN, build_resnet_backbone
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, ResNet, build_resnet_backbone
+from detectron2.modeling.backbone.resnet import BasicStem
 from torch import nn
+
+from .backbone_dcn import make_resnet_stages
 
 __all__ = ["FrozenStatsBatchNorm2d", "LastLevelP6P7NoReLU", "build_tood_resnet_fpn_backbone"]
 
@@ -80,6 +83,32 @@ class LastLevelP6P7NoReLU(nn.Module):
         return [p6, self.p7(p6)]
 
 
+def _build_deformable_resnet(cfg, input_shape: ShapeSpec, norm) -> ResNet:
+    """``build_resnet_backbone`` with the DCNv2 blocks of :mod:`tood.backbone_dcn` in the stages flagged by
+    ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` (Detectron2's own need its compiled ops and CUDA)."""
+    resnets = cfg.MODEL.RESNETS
+    required = {"DEFORM_MODULATED": True, "STEM_OUT_CHANNELS": 64, "RES2_OUT_CHANNELS": 256, "RES5_DILATION": 1}
+    unsupported = [f"MODEL.RESNETS.{k}={resnets[k]}" for k, v in required.items() if resnets[k] != v]
+    if resnets.DEPTH not in (50, 101, 152):
+        unsupported.append(f"MODEL.RESNETS.DEPTH={resnets.DEPTH}")
+    if unsupported:
+        raise ValueError(
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE builds the reference's DCNv2 ResNet (modulated, depth 50/101/152, "
+            f"64 stem and 256 res2 channels, no dilation); got {', '.join(unsupported)}."
+        )
+    stages = make_resnet_stages(
+        resnets.DEPTH,
+        num_groups=resnets.NUM_GROUPS,
+        width_per_group=resnets.WIDTH_PER_GROUP,
+        deform_on_per_stage=resnets.DEFORM_ON_PER_STAGE,
+        deform_num_groups=resnets.DEFORM_NUM_GROUPS,
+        stride_in_1x1=resnets.STRIDE_IN_1X1,
+        norm=norm,
+    )
+    stem = BasicStem(input_shape.channels, resnets.STEM_OUT_CHANNELS, norm=norm)
+    return ResNet(stem, stages, out_features=resnets.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
 @BACKBONE_REGISTRY.register()
 def build_tood_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """ResNet + FPN of TOOD's YAML configs (``MODEL.BACKBONE.NAME: "build_tood_resnet_fpn_backbone"``).
@@ -87,12 +116,19 @@ def build_tood_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     As Detectron2's ``build_retinanet_resnet_fpn_backbone`` but with :class:`LastLevelP6P7NoReLU` (P6 from P5, no
     ReLU before P7), the reference's neck. ``MODEL.RESNETS.NORM`` takes, besides Detectron2's norms,
     ``"FrozenStatsBN"``: :class:`FrozenStatsBatchNorm2d`, the reference's ResNet norm; the stages up to
-    ``MODEL.BACKBONE.FREEZE_AT`` are frozen entirely.
+    ``MODEL.BACKBONE.FREEZE_AT`` are frozen entirely. ``MODEL.RESNETS.DEFORM_ON_PER_STAGE`` gives those stages
+    DCNv2 blocks that run on CPU and GPU (:class:`tood.backbone_dcn.DeformBottleneckBlock`, with
+    ``DEFORM_MODULATED: True``).
 
     Returns:
         FPN with outputs p3-p7 (strides 8-128) when ``MODEL.FPN.IN_FEATURES`` is res3-res5.
     """
-    if cfg.MODEL.RESNETS.NORM == "FrozenStatsBN":
+    norm = cfg.MODEL.RESNETS.NORM
+    if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
+        bottom_up = _build_deformable_resnet(
+            cfg, input_shape, FrozenStatsBatchNorm2d if norm == "FrozenStatsBN" else norm
+        )
+    elif norm == "FrozenStatsBN":
         frozen_bn_cfg = cfg.clone()
         frozen_bn_cfg.defrost()
         frozen_bn_cfg.MODEL.RESNETS.NORM = "FrozenBN"

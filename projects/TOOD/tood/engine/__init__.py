@@ -1,7 +1,8 @@
 """What a TOOD training or inference script needs; the tools in ``tools/`` parse arguments and call these.
 
 * :mod:`.training`: LazyConfig training and evaluation (``setup``, ``do_train``, ``do_test``, ``main``).
-* :mod:`.defaults`: :class:`Trainer`, Detectron2's ``DefaultTrainer`` for YAML configs.
+* :mod:`.defaults`: :class:`Trainer`, Detectron2's ``DefaultTrainer`` for YAML configs, and ``main_yaml``, the
+  YAML side of ``main``.
 * :mod:`.train_loop`: the inner loops both use (finite-loss check, bfloat16 on CPU, gradient clipping).
 * :mod:`.config_checks`: override keys, dataset names, classes, epoch length.
 * :mod:`.launch`: Detectron2's ``launch``, also for several CPU processes.
@@ -11,7 +12,7 @@
 """
 
 from .config_checks import ConfigKeyError
-from .defaults import Trainer
+from .defaults import Trainer, main_yaml
 from .hooks import ProgressBar
 from .launch import launch
 from .predictor import LazyPredictor, dataset_metadata
@@ -32,5 +33,6 @@ __all__ = [
     "launch",
     "launch_from_args",
     "main",
+    "main_yaml",
     "setup",
 ]

@@ -2,23 +2,32 @@
 
 Detectron2 has two standard loops, and TOOD keeps both: LazyConfig files train through
 :func:`tood.engine.do_train` (as ``tools/lazyconfig_train_net.py``), YAML configs through :class:`Trainer`
-(as ``tools/train_net.py`` with ``DefaultTrainer``). Both run the same inner loops (:mod:`tood.engine.train_loop`:
-finite-loss check, bfloat16 on CPU), the same atomic, finite checkpoints (:class:`tood.checkpoint.TOODCheckpointer`)
-and the same weights check.
+(as ``tools/train_net.py`` with ``DefaultTrainer``; :func:`main_yaml` is that script's ``main``). Both run the same
+inner loops (:mod:`tood.engine.train_loop`: finite-loss check, bfloat16 on CPU), the same atomic, finite checkpoints
+(:class:`tood.checkpoint.TOODCheckpointer`) and the same weights check.
 """
 
+import difflib
 import weakref
 
+import torch
+import yaml
+from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import COCOEvaluator
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import TOODCheckpointer, check_weights_file
-from ..data.checks import CheckedDatasetMapper, get_checked_dataset_dicts
-from .config_checks import has_compiled_ops
+from ..config import add_tood_config
+from ..data.checks import CheckedDatasetMapper, check_registered, get_checked_dataset_dicts
+from .config_checks import ConfigKeyError, has_compiled_ops
 from .train_loop import build_trainer
+from .training import register_coco_datasets
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "is_yacs_config", "main_yaml", "setup_yaml"]
 
 
 class Trainer(DefaultTrainer):
@@ -35,6 +44,13 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
+        # Scaled here, MODEL.TOOD.TAL_START_ITER included: DefaultTrainer's own scaling then has nothing left to do.
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        if comm.get_world_size() > 1 and torch.device(cfg.MODEL.DEVICE).type == "cpu":
+            raise ValueError(
+                "Trainer (Detectron2's DefaultTrainer) trains in several processes on GPUs only: train a YAML config "
+                "on CPU in one process, or use a LazyConfig (configs/*.py), which trains in several CPU processes too."
+            )
         super().__init__(cfg)
         # DefaultTrainer builds Detectron2's own loop and checkpointer: the same objects go into TOOD's.
         inner = self._trainer
@@ -45,6 +61,21 @@ class Trainer(DefaultTrainer):
         self._trainer.checkpointer = self.checkpointer
         self._hooks = []
         self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def auto_scale_workers(cfg, num_workers: int):
+        """``DefaultTrainer.auto_scale_workers`` (``SOLVER.REFERENCE_WORLD_SIZE``), which also scales
+        ``MODEL.TOOD.TAL_START_ITER`` with the schedule's other iteration counts."""
+        scaled = DefaultTrainer.auto_scale_workers(cfg, num_workers)
+        if scaled is cfg or cfg.MODEL.TOOD.TAL_START_ITER is None:
+            return scaled
+        frozen = scaled.is_frozen()
+        scaled.defrost()
+        scale = num_workers / cfg.SOLVER.REFERENCE_WORLD_SIZE
+        scaled.MODEL.TOOD.TAL_START_ITER = int(round(cfg.MODEL.TOOD.TAL_START_ITER / scale))
+        if frozen:
+            scaled.freeze()
+        return scaled
 
     def resume_or_load(self, resume=True):
         if not (resume and self.checkpointer.has_checkpoint()):
@@ -63,3 +94,82 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR, use_fast_impl=has_compiled_ops())
+
+
+def is_yacs_config(path: str) -> bool:
+    """Whether ``path`` is a YAML config of Detectron2's yacs system (upper-case keys: ``MODEL``, ``_BASE_``, ...)
+    rather than a LazyConfig (a ``.py`` file, or the ``config.yaml`` that a LazyConfig run saves)."""
+    if not path.endswith((".yaml", ".yml")):
+        return False
+    with PathManager.open(path) as f:
+        # The node tree only: a LazyConfig's YAML may hold Python objects, which are not built here.
+        root = yaml.compose(f, Loader=yaml.SafeLoader)
+    return isinstance(root, yaml.MappingNode) and any(key.value.isupper() for key, _ in root.value)
+
+
+def _check_overrides(cfg, opts):
+    """Raises, saying what is expected, for overrides that are not KEY VALUE pairs or name a key ``cfg`` lacks
+    (yacs would fail an assertion)."""
+    if len(opts) % 2 or any("=" in key for key in opts[::2]):
+        raise ValueError(
+            "Overrides of a YAML config are KEY VALUE pairs, e.g. SOLVER.MAX_ITER 1000 (KEY=VALUE is a LazyConfig's "
+            f"form); got: {' '.join(opts)}"
+        )
+    for key in opts[::2]:
+        node, parts = cfg, key.split(".")
+        for depth, part in enumerate(parts):
+            if not (isinstance(node, CfgNode) and part in node):
+                known = sorted(node) if isinstance(node, CfgNode) else []
+                matches = [".".join([*parts[:depth], m]) for m in difflib.get_close_matches(part, known)]
+                hint = f" Did you mean {' or '.join(matches)}?" if matches else ""
+                raise ConfigKeyError(
+                    f"Unknown config key '{key}': {'.'.join(parts[:depth]) or 'the config'} has no '{part}'.{hint}"
+                )
+            node = node[part]
+
+
+def setup_yaml(args):
+    """The frozen yacs config of ``args.config_file`` with the ``KEY VALUE`` overrides of ``args.opts``, the
+    ``--register-coco`` datasets registered first; then Detectron2's ``default_setup`` (logging, seed, the config
+    saved with the run)."""
+    register_coco_datasets(args.register_coco)
+    cfg = get_cfg()
+    add_tood_config(cfg)
+    # As a LazyConfig's train.device: the GPU if there is one (Detectron2's default is always "cuda").
+    cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg.merge_from_file(args.config_file)
+    _check_overrides(cfg, args.opts)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    check_registered(cfg.DATASETS.TEST, "DATASETS.TEST")
+    if not args.eval_only:
+        check_registered(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    default_setup(cfg, args)
+    # TOOD's modules log under "tood", e.g. the iteration where training switches from ATSS to TAL.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="tood")
+    return cfg
+
+
+def main_yaml(args):
+    """``tools/train_net.py`` with a YAML config: Detectron2's ``DefaultTrainer`` flow with :class:`Trainer`.
+
+    ``--eval-only`` evaluates ``MODEL.WEIGHTS`` (with ``--resume``, the last checkpoint of ``OUTPUT_DIR``), which must
+    fit the model exactly, on ``DATASETS.TEST``; otherwise trains (with ``--resume``, from that last checkpoint).
+
+    Returns:
+        dict: the evaluation results with ``--eval-only``; otherwise what ``DefaultTrainer.train`` returns.
+    """
+    cfg = setup_yaml(args)
+    if not args.eval_only:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()
+    model = Trainer.build_model(cfg)
+    checkpointer = TOODCheckpointer(model, cfg.OUTPUT_DIR, strict=True)
+    if not (args.resume and checkpointer.has_checkpoint()):
+        check_weights_file(cfg.MODEL.WEIGHTS, training=False, key="MODEL.WEIGHTS")
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    results = Trainer.test(cfg, model)
+    if comm.is_main_process():
+        verify_results(cfg, results)
+    return results
