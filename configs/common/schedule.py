@@ -5,18 +5,18 @@ drawn from (with ``filter_empty``, those with at least one box). Its 8 GPUs x 2 
 ``ceil(ceil(N / 8) / 2)``, the same number. COCO train2017: N = 117,266 at batch 16 -> 7330 iterations.
 
 ``train.iters_per_epoch`` holds that number and every length of the schedule interpolates it (the ATSS warm-up,
-the LR steps, the end, the checkpoints), so one value sets them all. When the training set actually loaded gives
-another epoch length (a user's own dataset, another batch), ``tood.engine`` sets ``train.iters_per_epoch`` to it
-and logs the change, unless it was given on the command line.
+the LR steps, the end, the checkpoints), so one value sets them all. When the training set gives another epoch
+length (a user's own dataset, another batch), ``tood.engine.setup`` sets ``train.iters_per_epoch`` to it (counted
+from the annotation file) and logs the change, unless it was given on the command line. ``train.max_iter`` can be
+overridden alone: LR steps, the ATSS -> TAL switch and periods past it are not reached, and setup says so.
 """
 
 import math
 
 from detectron2.config import LazyCall as L
 
-from tood.solver import warmup_multistep_schedule
-
-COCO_2017_TRAIN_IMAGES = 117266  # train2017 images with at least one annotation
+from tood.data import COCO_2017_TRAIN_IMAGES
+from tood.solver import WarmupMultiStepSchedule
 
 
 def iters_per_epoch(num_images: int, total_batch_size: int) -> int:
@@ -30,7 +30,7 @@ def epochs(n: int) -> str:
 
 def lr_multiplier(step_epochs):
     """Linear warm-up over 500 iterations from 0.001x, then x0.1 at each of ``step_epochs``."""
-    return L(warmup_multistep_schedule)(
+    return L(WarmupMultiStepSchedule)(
         max_iter="${train.max_iter}",
         milestones=[epochs(e) for e in step_epochs],
         warmup_iters=500,

@@ -2,24 +2,30 @@
 
 import difflib
 import inspect
+import json
 import math
-from typing import Optional
+import os
+from typing import List, Optional
 
-from detectron2.config import instantiate
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..data.checks import check_registered
+from ..checkpoint import check_weights_file
+from ..data.checks import DatasetNotRegisteredError, check_registered, get_checked_dataset_dicts
 
 __all__ = [
     "ConfigKeyError",
+    "ConfigValueError",
+    "PreflightError",
     "check_dataset_names",
+    "check_schedule",
     "check_num_classes",
     "check_override_keys",
     "has_compiled_ops",
     "lazy_target",
+    "preflight",
     "set_epoch_length",
     "use_available_coco_eval",
 ]
@@ -28,6 +34,14 @@ __all__ = [
 class ConfigKeyError(KeyError):
     def __str__(self):  # KeyError's own would show the message's repr
         return str(self.args[0])
+
+
+class ConfigValueError(ValueError):
+    """A config value that cannot make sense (a negative length, milestones out of order); names the key."""
+
+
+class PreflightError(RuntimeError):
+    """Files a run needs are missing or datasets are not registered: every problem found, each with its remedy."""
 
 
 def lazy_target(node):
@@ -140,12 +154,155 @@ def use_available_coco_eval(cfg):
         cfg.dataloader.evaluator.use_fast_impl = False
 
 
+def _dataset_names(names) -> List[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _missing_dataset_files(name: str) -> List[str]:
+    """What the registered dataset ``name`` reads and lacks (its annotation file, its image folder), with the remedy."""
+    metadata = MetadataCatalog.get(name)
+    missing = [
+        f"{what} {path}"
+        for what, path in (("annotation file", metadata.get("json_file")), ("image folder", metadata.get("image_root")))
+        if path and not os.path.exists(path)
+    ]
+    if not missing:
+        return []
+    remedy = "register your own data with --register-coco NAME JSON IMAGE_ROOT and use NAME in the dataset names"
+    if name.startswith("coco_"):
+        root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+        remedy = (
+            f"place COCO as Detectron2 expects it: {root}/coco/annotations/instances_{{train,val}}2017.json and the "
+            f"images in {root}/coco/{{train,val}}2017/ (DETECTRON2_DATASETS, now {root!r}, is the folder holding "
+            f"coco/), or {remedy}"
+        )
+    return [f"Dataset '{name}' needs the {' and the '.join(missing)}, which do not exist: {remedy}."]
+
+
+def preflight(cfg, eval_only: bool = False, resume: bool = False) -> None:
+    """Checks, before anything is built, that the run has what it reads: registered datasets, their files, and the
+    weights of ``train.init_checkpoint`` (unless ``resume`` finds a checkpoint in ``train.output_dir``).
+
+    Raises:
+        PreflightError: naming every missing dataset, file and weights file together, each with its remedy.
+    """
+    problems = []
+    try:
+        check_dataset_names(cfg, eval_only)
+    except DatasetNotRegisteredError as e:
+        problems.append(str(e))
+    keys = ["dataloader.test.dataset.names"] if eval_only else ["dataloader.train.dataset.names"]
+    for key in keys:
+        for name in _dataset_names(OmegaConf.select(cfg, key, default=None) or []):
+            if name in DatasetCatalog.list():
+                problems += _missing_dataset_files(name)
+    output_dir = OmegaConf.select(cfg, "train.output_dir", default=None)
+    resumable = resume and output_dir and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
+    if not resumable:
+        try:
+            check_weights_file(OmegaConf.select(cfg, "train.init_checkpoint", default=""), training=not eval_only)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if problems:
+        raise PreflightError("The run cannot start:\n" + "\n".join(f"  * {p}" for p in problems))
+
+
+def _positive(cfg, key: str) -> None:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigValueError(f"{key}={value!r}: it must be a positive number of iterations or images.")
+
+
+def check_schedule(cfg) -> List[str]:
+    """Checks the training schedule of ``cfg`` (after the overrides) and says what of it the run will not reach.
+
+    Raises:
+        ConfigValueError: naming the key, for a length that is not positive or milestones out of order.
+
+    Returns:
+        one sentence for each scheduled event at or past ``train.max_iter`` (an LR step, the switch from ATSS to
+        task-aligned assignment, the end of the LR warm-up, a checkpoint or evaluation period), to log.
+    """
+    # The sources first: with train.iters_per_epoch=0, train.max_iter (12 epochs) is 0 too.
+    for key in ("train.iters_per_epoch", "dataloader.train.total_batch_size", "train.max_iter"):
+        _positive(cfg, key)
+    max_iter = cfg.train.max_iter
+    epoch = OmegaConf.select(cfg, "train.iters_per_epoch", default=None)
+
+    def when(iteration):
+        return f"iteration {iteration}" + (f", epoch {iteration / epoch:g}" if epoch else "")
+
+    notes = []
+    milestones = OmegaConf.select(cfg, "lr_multiplier.milestones", default=None)
+    if milestones is not None:
+        milestones = list(milestones)
+        if any(not isinstance(m, int) or m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+            raise ConfigValueError(
+                f"lr_multiplier.milestones={milestones}: the LR steps must be positive iterations in increasing order."
+            )
+        notes += [
+            f"The LR step at {when(m)} lies past train.max_iter={max_iter}: not reached."
+            for m in milestones
+            if m >= max_iter
+        ]
+        warmup = OmegaConf.select(cfg, "lr_multiplier.warmup_iters", default=None)
+        if isinstance(warmup, int) and warmup - 1 > max_iter - 1:
+            reached = 0.001 + 0.999 * (max_iter - 1) / max(warmup - 1, 1)
+            notes.append(
+                f"The run ends within the {warmup}-iteration LR warm-up (train.max_iter={max_iter}): the learning "
+                f"rate reaches {reached:.3g} of optimizer.lr."
+            )
+    tal = OmegaConf.select(cfg, "model.tal_start_iter", default=None)
+    if isinstance(tal, int):
+        if tal < 0:
+            raise ConfigValueError(f"model.tal_start_iter={tal}: it must be an iteration >= 0.")
+        if tal >= max_iter:
+            notes.append(
+                f"The switch from ATSS to task-aligned assignment at {when(tal)} lies past train.max_iter={max_iter}: "
+                "the whole run assigns with ATSS."
+            )
+    for key, what in (("train.checkpointer.period", "checkpoint"), ("train.eval_period", "evaluation")):
+        period = OmegaConf.select(cfg, key, default=None)
+        if isinstance(period, int) and period >= max_iter:
+            notes.append(f"{key}={period} lies past train.max_iter={max_iter}: only the final {what} happens.")
+    return notes
+
+
+def _usable(annotation) -> bool:
+    """A non-crowd annotation whose box has an area (the checks drop the others)."""
+    box = annotation.get("bbox")
+    return not annotation.get("iscrowd", 0) and isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0
+
+
+def _count_training_images(names, filter_empty: bool) -> int:
+    """Training images of the datasets ``names`` (with ``filter_empty``: those with a non-crowd box of some area),
+    counted without building the dataset: from ``MetadataCatalog``'s ``num_train_images`` where a known dataset has
+    it, from the COCO annotation file, or else from the loaded dataset."""
+    total = 0
+    for name in _dataset_names(names):
+        metadata = MetadataCatalog.get(name)
+        known, json_file = metadata.get("num_train_images"), metadata.get("json_file")
+        if filter_empty and known is not None:
+            total += known
+        elif json_file and os.path.isfile(json_file):
+            with open(json_file) as f:
+                coco = json.load(f)
+            if filter_empty:
+                total += len({a["image_id"] for a in coco.get("annotations", []) if _usable(a)})
+            else:
+                total += len(coco.get("images", []))
+        else:
+            total += len(get_checked_dataset_dicts(name, filter_empty))
+    return total
+
+
 def set_epoch_length(cfg, overrides=()) -> Optional[str]:
     """Sets ``train.iters_per_epoch`` to ``ceil(training images / total batch)`` of the training set the config reads.
 
     For configs whose schedule counts epochs (configs/common/schedule.py): their ``train.iters_per_epoch`` is COCO's,
-    and a user's own dataset gets its own epoch length. Nothing changes when the config has no such key or the
-    command line sets it. Called before the config is saved with the run.
+    and a user's own dataset or batch gets its own epoch length. The images are counted without building the dataset
+    (``_count_training_images``). Nothing changes when the config has no such key or the command line sets it.
+    Called before the config is saved with the run, so that the saved config holds the epoch length.
 
     Returns:
         what changed, to log once logging is set up; None when nothing did.
@@ -154,13 +311,15 @@ def set_epoch_length(cfg, overrides=()) -> Optional[str]:
         return None
     if any(o.key_or_group == "train.iters_per_epoch" for o in _parse_overrides(overrides)):
         return None
-    num_images = len(instantiate(cfg.dataloader.train.dataset))
+    _positive(cfg, "dataloader.train.total_batch_size")
+    dataset = cfg.dataloader.train.dataset
+    num_images = _count_training_images(dataset.names, dataset.get("filter_empty", True))
     batch = cfg.dataloader.train.total_batch_size
     length = math.ceil(num_images / batch)
     if length == cfg.train.iters_per_epoch:
         return None
     message = (
-        f"One epoch of {cfg.dataloader.train.dataset.names} is ceil({num_images} images / batch {batch}) = {length} "
+        f"One epoch of {dataset.names} is ceil({num_images} images / batch {batch}) = {length} "
         f"iterations, not the config's {cfg.train.iters_per_epoch}: train.iters_per_epoch={length}, so the "
         "schedule's lengths (train.max_iter, LR steps, ATSS warm-up, checkpoints) count this dataset's epochs. Set "
         "train.iters_per_epoch on the command line to keep another value."

@@ -23,6 +23,7 @@ from datetime import timedelta
 
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -32,10 +33,14 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import TOODCheckpointer, check_weights_file
 from ..data.checks import register_checked_coco
 from .config_checks import (
-    check_dataset_names,
+    ConfigKeyError,
+    ConfigValueError,
+    PreflightError,
     check_num_classes,
     check_override_keys,
+    check_schedule,
     lazy_target,
+    preflight,
     set_epoch_length,
     use_available_coco_eval,
 )
@@ -48,8 +53,10 @@ __all__ = [
     "do_test",
     "do_train",
     "launch_from_args",
+    "load_config",
     "main",
     "register_coco_datasets",
+    "scale_learning_rate",
     "setup",
 ]
 
@@ -57,8 +64,15 @@ logger = logging.getLogger("detectron2")
 
 
 def register_coco_datasets(specs):
-    """Registers each ``(name, json_file, image_root)`` as a checked COCO instances dataset (``--register-coco``)."""
+    """Registers each ``(name, json_file, image_root)`` as a checked COCO instances dataset (``--register-coco``); a
+    name already registered with the same files is left as it is."""
     for name, json_file, image_root in specs or ():
+        metadata = MetadataCatalog.get(name)
+        if name in DatasetCatalog.list() and (metadata.get("json_file"), metadata.get("image_root")) == (
+            json_file,
+            image_root,
+        ):
+            continue
         register_checked_coco(name, json_file, image_root)
 
 
@@ -88,27 +102,68 @@ def argument_parser(epilog=None):
     return parser
 
 
-def setup(args, configure=None):
-    """Registers ``--register-coco`` datasets, builds the config with the checked overrides, sets up logging.
+def load_config(args, configure=None):
+    """The run's LazyConfig, checked: ``--register-coco`` datasets registered, overrides applied to known keys, then
+    (before anything heavy is built) the datasets, their files and the weights checked together, the epoch length
+    counted, the learning rate scaled if asked, the schedule checked.
 
     Args:
-        configure: optional callable that edits the config after the overrides, before it is checked and saved
-            with the run (what a ``key=value`` override cannot say, e.g. another optimizer class).
+        configure: optional callable that edits the config after the overrides, before it is checked (what a
+            ``key=value`` override cannot say, e.g. another optimizer class).
+
+    Returns:
+        ``(cfg, notes)``: the config, and what to log about it once logging is set up.
+
+    Raises:
+        PreflightError, ConfigKeyError, ConfigValueError: a run that cannot start, with every reason and remedy.
     """
-    register_coco_datasets(args.register_coco)
+    problems = []
+    try:
+        register_coco_datasets(args.register_coco)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        problems.append(str(e))
     cfg = LazyConfig.load(args.config_file)
     check_override_keys(cfg, args.opts)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if configure is not None:
         configure(cfg)
-    check_dataset_names(cfg, args.eval_only)
+    try:
+        preflight(cfg, args.eval_only, args.resume)
+    except PreflightError as e:
+        problems += str(e).splitlines()[1:]
+    if problems:
+        raise PreflightError(
+            "The run cannot start:\n" + "\n".join(p if p.startswith("  * ") else f"  * {p}" for p in problems)
+        )
     use_available_coco_eval(cfg)
-    epoch_change = None if args.eval_only else set_epoch_length(cfg, args.opts)
-    default_setup(cfg, args)  # saves the config with the run
+    if args.eval_only:
+        return cfg, []
+    notes = [set_epoch_length(cfg, args.opts), scale_learning_rate(cfg)]
+    return cfg, [n for n in notes if n] + check_schedule(cfg)
+
+
+def scale_learning_rate(cfg):
+    """With ``train.reference_batch_size`` set (the batch that ``optimizer.lr`` is for, 16 in the zoo), scales the
+    learning rate linearly to ``dataloader.train.total_batch_size`` (Goyal et al.'s rule, as mmdetection's
+    ``auto_scale_lr``). The schedule's lengths need no change: they count epochs of the actual batch."""
+    reference = cfg.train.get("reference_batch_size")
+    batch = cfg.dataloader.train.total_batch_size
+    if not reference or reference == batch:
+        return None
+    lr = cfg.optimizer.lr
+    cfg.optimizer.lr = lr * batch / reference
+    cfg.train.reference_batch_size = batch  # the saved config's optimizer.lr is for this batch now
+    return f"optimizer.lr {lr:g} is for a total batch of {reference}: scaled to {cfg.optimizer.lr:g} for batch {batch}."
+
+
+def setup(args, configure=None):
+    """:func:`load_config`, then Detectron2's ``default_setup`` (saves the config with the run) and logging."""
+    cfg, notes = load_config(args, configure)
+    default_setup(cfg, args)
     # TOOD's modules log under "tood", e.g. the iteration where training switches from ATSS to TAL.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="tood")
-    if epoch_change:
-        logger.warning(epoch_change)
+    for note in notes:
+        logger.warning(note)
     return cfg
 
 
@@ -212,12 +267,30 @@ def evaluate_checkpoint(args, cfg):
 
 
 def main(args):
+    """``tools/train_net.py``: trains, or with ``--eval-only`` evaluates, the model of ``args.config_file``: a
+    LazyConfig here, a YAML config of Detectron2's yacs system with :func:`tood.engine.defaults.main_yaml`."""
+    from .defaults import is_yacs_config, main_yaml  # defaults.py imports this module
+
+    if is_yacs_config(args.config_file):
+        return main_yaml(args)
     cfg = setup(args)
     return evaluate_checkpoint(args, cfg) if args.eval_only else do_train(args, cfg)
 
 
 def launch_from_args(main_func, args):
-    """Runs ``main_func(args)`` in the processes that ``--num-gpus``, ``--num-machines`` etc. ask for."""
+    """Runs ``main_func(args)`` in the processes that ``--num-gpus``, ``--num-machines`` etc. ask for.
+
+    A LazyConfig run is checked here first, once (:func:`load_config`): a run that cannot start (missing data or
+    weights, an unknown key, a schedule that makes no sense) ends with its reasons and remedies, without a traceback,
+    before any process starts.
+    """
+    from .defaults import is_yacs_config  # defaults.py imports this module
+
+    if not is_yacs_config(args.config_file):
+        try:
+            load_config(args)
+        except (PreflightError, ConfigKeyError, ConfigValueError) as e:
+            raise SystemExit(f"error: {e}") from None
     launch(
         main_func,
         args.num_gpus,
