@@ -46,3 +46,6 @@ model = L(FCOS)(
     pixel_mean=_tood.pixel_mean,
     pixel_std=_tood.pixel_std,
 )
+
+# float32: Detectron2's own losses (fvcore's GIoU, index assignment) fail under CPU bfloat16 autocast.
+train.amp.enabled = False

@@ -58,3 +58,6 @@ model = L(RetinaNet)(
     pixel_std=_tood.pixel_std,
     input_format=_tood.input_format,
 )
+
+# float32: Detectron2's own losses (fvcore's GIoU, index assignment) fail under CPU bfloat16 autocast.
+train.amp.enabled = False

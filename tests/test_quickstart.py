@@ -6,6 +6,7 @@ import re
 
 from tests.conftest import REPO_ROOT
 from tood.data import register_shapes_dataset
+from tood.engine.train_loop import choose_precision
 
 IMAGE_SIZE = 96
 
@@ -31,10 +32,14 @@ def test_quickstart_trains_evaluates_draws_and_reports(tmp_path, capsys):
     results = load_tool().main(argv + opts)
 
     out = capsys.readouterr().out
-    trained = re.search(r"Trained (\d+) iterations in ([\d.]+) min \(([\d.]+) s/iteration, (\d+) threads\)", out)
+    # The first line says which precision this CPU trains in, and why; the last ones, the speed it had.
+    amp, why = choose_precision(None)
+    assert out.lstrip().startswith(f"Precision: {why}"), out
+    trained = re.search(r"Trained (\d+) iterations in ([\d.]+) min \(([\d.]+) s/iteration, (\d+) threads, (\w+)\)", out)
     assert trained, out
     assert trained.group(1) == "3"
     assert float(trained.group(3)) > 0
+    assert trained.group(5) == ("bfloat16" if amp else "float32")
     assert f"Box AP on qs_val: {results['bbox']['AP']:.1f}" in out
     assert (output / "model_final.pth").is_file()
     drawn = sorted(p.name for p in (output / "predictions").iterdir())

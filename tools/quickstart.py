@@ -3,13 +3,15 @@
 COCOEvaluator, and draw its predictions on a few validation images.
 
 The datasets are generated on first use (under ``$TOOD_DATASETS``, default ./datasets). ``--max-iter`` is
-the time budget: the schedule of configs/quickstart_shapes.py scales with it. Extra ``key=value`` arguments
-override the config, as for tools/train_net.py.
+the time budget: the schedule of configs/quickstart_shapes.py scales with it. Training runs in bfloat16 autocast
+on CPUs with bfloat16 units (AVX512-BF16, AMX) and in float32 elsewhere; the first line says which and why, and
+``train.amp.enabled=True/False`` decides instead. Extra ``key=value`` arguments override the config, as for
+tools/train_net.py.
 
 Examples::
 
     tools/quickstart.py
-    tools/quickstart.py --max-iter 300 train.amp.enabled=True
+    tools/quickstart.py --max-iter 300 train.amp.enabled=False
 """
 
 import argparse
@@ -17,9 +19,11 @@ import os
 import time
 
 import torch
+from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog
 
 from tood.engine import LazyPredictor, ProgressBar, argument_parser, do_train, setup
+from tood.engine.train_loop import choose_precision
 from tood.engine.visualization import run_on_images
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +47,10 @@ def main(argv=None):
     if args.max_iter is not None:
         overrides.append(f"train.max_iter={args.max_iter}")
     train_args = argument_parser().parse_args(["--config-file", args.config_file, *overrides, *args.opts])
+    # Said first, before the set-up's logs: the precision follows the CPU unless the config or the command line sets it.
+    train = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts).train
+    amp, precision = choose_precision(train.amp.enabled, train.device)
+    print(f"Precision: {precision}", flush=True)
     cfg = setup(train_args)
 
     start = time.perf_counter()
@@ -58,7 +66,8 @@ def main(argv=None):
 
     print(
         f"\nTrained {progress.iterations} iterations in {progress.seconds / 60:.1f} min "
-        f"({progress.seconds / max(progress.iterations, 1):.2f} s/iteration, {torch.get_num_threads()} threads) "
+        f"({progress.seconds / max(progress.iterations, 1):.2f} s/iteration, {torch.get_num_threads()} threads, "
+        f"{'bfloat16' if amp else 'float32'}) "
         f"and evaluated: {elapsed / 60:.1f} min in all."
     )
     if "bbox" in results:

@@ -220,7 +220,9 @@ def run_protocol(
         dict with ``sweep`` ({name: {setting name: tuning metrics}}), ``selected`` ({name: setting name}) and
         ``runs`` ({name: [{"seed", "own", "matched", "alignment"} per seed]}).
     """
-    common = [*opts, *([f"train.max_iter={max_iter}"] if max_iter else [])]
+    # Every detector in float32: Detectron2's RetinaNet and FCOS cannot train under CPU bfloat16 autocast, which the
+    # quick-start TOOD config would choose on a CPU with bfloat16 units.
+    common = ["train.amp.enabled=False", *opts, *([f"train.max_iter={max_iter}"] if max_iter else [])]
 
     def train_opts(detector: Detector, seed: int) -> List[str]:
         # Every run evaluates on the tuning split when it ends; the test split is only read in step 3.

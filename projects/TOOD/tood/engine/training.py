@@ -4,7 +4,8 @@ options and checks. ``tools/train_net.py`` parses the command line and calls the
 Config keys beyond Detectron2's ``common/train.py`` (configs/common/train.py):
 
 * ``train.amp.enabled``: mixed precision; on CUDA Detectron2's AMPTrainer (fp16 + loss scaling), on CPU bfloat16
-  autocast (:class:`~tood.engine.train_loop.CPUAMPTrainer`).
+  autocast (:class:`~tood.engine.train_loop.CPUAMPTrainer`); None chooses by the CPU
+  (:func:`~tood.engine.train_loop.choose_precision`: bfloat16 where it has bfloat16 units, float32 elsewhere).
 * ``train.clip_grad``: ``enabled``, ``max_norm``, ``norm_type``: clip the global gradient norm before each step
   and log it as ``grad_norm``.
 * ``train.device``: "cuda" or "cpu". Without CUDA, ``--num-gpus N`` starts N CPU processes (DDP over gloo).
@@ -45,7 +46,7 @@ from .config_checks import (
     use_available_coco_eval,
 )
 from .launch import launch
-from .train_loop import add_gradient_clipping, build_trainer
+from .train_loop import add_gradient_clipping, build_trainer, choose_precision
 
 __all__ = [
     "add_register_coco_argument",
@@ -222,7 +223,9 @@ def do_train(args, cfg, extra_hooks=()):
     if torch.device(cfg.train.device).type == "cpu":
         ddp["device_ids"] = None  # DDP's CPU mode; Detectron2 would name the local GPU
     model = create_ddp_model(model, **ddp)
-    trainer = build_trainer(model, train_loader, optimizer, amp=cfg.train.amp.enabled, device=cfg.train.device)
+    amp, precision = choose_precision(cfg.train.amp.get("enabled"), cfg.train.device)
+    logger.info(f"Training precision: {precision}")
+    trainer = build_trainer(model, train_loader, optimizer, amp=amp, device=cfg.train.device)
     trainer.checkpointer = checkpointer
     # The trainer's state holds the optimizer, the LR scheduler and AMP's grad scaler.
     checkpointer.add_checkpointable("trainer", trainer)

@@ -1,0 +1,104 @@
+"""Training precision chosen by the CPU: bfloat16 autocast where it has bfloat16 units, float32 elsewhere, an explicit
+``train.amp.enabled`` always winning; and bfloat16 training that learns, on any CPU."""
+
+import itertools
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import HookBase
+from detectron2.structures import Boxes, Instances
+
+from tests.conftest import REPO_ROOT
+from tood.engine import train_loop
+from tood.engine.train_loop import CPUAMPTrainer, choose_precision, cpu_bfloat16_units
+
+
+@pytest.fixture
+def cpu_units(monkeypatch):
+    """Sets what the CPU probes of ``torch.cpu`` answer: ``cpu_units(avx512_bf16, amx)``."""
+
+    def set_units(avx512_bf16: bool, amx: bool):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+
+    return set_units
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16,amx,units",
+    [
+        (True, False, ("AVX512-BF16",)),
+        (False, True, ("AMX",)),
+        (True, True, ("AVX512-BF16", "AMX")),
+        (False, False, ()),
+    ],
+)
+def test_bfloat16_where_the_cpu_has_bfloat16_units(cpu_units, avx512_bf16, amx, units):
+    cpu_units(avx512_bf16, amx)
+    assert cpu_bfloat16_units() == units
+    amp, why = choose_precision(None, "cpu")
+    assert amp == bool(units)
+    if units:
+        assert why.startswith(f"bfloat16 autocast: this CPU has {' and '.join(units)}")
+    else:
+        assert why.startswith("float32: no bfloat16 units on this CPU (AVX2")
+
+
+def test_units_oneDNN_cannot_use_do_not_count(cpu_units, monkeypatch):
+    cpu_units(True, False)
+    monkeypatch.setattr(train_loop.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert cpu_bfloat16_units() == ()
+    assert choose_precision(None, "cpu")[0] is False
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_an_explicit_setting_wins(cpu_units, units):
+    cpu_units(units, False)
+    assert choose_precision(True, "cpu") == (True, "bfloat16 autocast: train.amp.enabled=True")
+    assert choose_precision(False, "cpu") == (False, "float32: train.amp.enabled=False")
+
+
+def test_cuda_keeps_float32_unless_asked(cpu_units):
+    cpu_units(True, True)
+    assert choose_precision(None, "cuda")[0] is False
+    assert choose_precision(True, "cuda") == (True, "float16 autocast with loss scaling: train.amp.enabled=True")
+
+
+def test_zoo_configs_keep_float32_and_the_quick_start_chooses():
+    assert LazyConfig.load(str(REPO_ROOT / "configs" / "tood_R_50_1x.py")).train.amp.enabled is False
+    assert LazyConfig.load(str(REPO_ROOT / "configs" / "quickstart_shapes.py")).train.amp.enabled is None
+
+
+class LossLog(HookBase):
+    def __init__(self):
+        self.losses = []
+
+    def after_step(self):
+        self.losses.append(self.trainer.storage.history("total_loss").latest())
+
+
+def test_bfloat16_training_learns():
+    """The quick-start model in bfloat16 autocast on one fixed batch: 12 AdamW steps give finite losses that fall."""
+    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "quickstart_shapes.py"))
+    cfg.model.tal_start_iter = 6
+    model = instantiate(cfg.model).train()
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(2):
+        instances = Instances((96, 96))
+        xy = torch.rand(3, 2, generator=g) * 50
+        instances.gt_boxes = Boxes(torch.cat([xy, xy + 20 + torch.rand(3, 2, generator=g) * 20], dim=1))
+        instances.gt_classes = torch.randint(0, 6, (3,), generator=g)
+        batch.append(
+            {"image": torch.randint(0, 255, (3, 96, 96), generator=g, dtype=torch.uint8), "instances": instances}
+        )
+    cfg.optimizer.params.model = model
+    trainer = CPUAMPTrainer(model, itertools.repeat(batch), instantiate(cfg.optimizer))
+    log = LossLog()
+    trainer.register_hooks([log])
+    trainer.train(0, 12)
+    assert all(torch.isfinite(torch.tensor(log.losses)))
+    # Within each assignment phase (ATSS, then task-aligned) the loss on the same batch falls.
+    assert log.losses[5] < log.losses[0] and log.losses[11] < log.losses[6], log.losses
