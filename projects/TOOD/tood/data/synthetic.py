@@ -527,9 +527,9 @@ def register_shapes_dataset(
     """Registers a shapes dataset in Detectron2's catalogs under ``name``; returns its (future) folder.
 
     The dataset is generated when ``DatasetCatalog.get(name)`` is first called, not here. The metadata
-    (``thing_classes``, ``json_file``, ``image_root``, ``evaluator_type`` "coco") is set now; ``json_file``
-    exists only after that first ``get``, so build the data loader before a COCOEvaluator. ``root`` is read
-    now (default ``$TOOD_DATASETS``). Registering a name again replaces its previous registration.
+    (``thing_classes``, ``json_file``, ``image_root``, ``evaluator_type`` "coco", ``generated_on_load``) is set
+    now; ``json_file`` exists only after that first ``get``, so build the data loader before a COCOEvaluator.
+    ``root`` is read now (default ``$TOOD_DATASETS``). Registering a name again replaces its previous registration.
     """
     config = config or ShapesConfig()
     root = Path(root) if root is not None else datasets_root()
@@ -549,6 +549,7 @@ def register_shapes_dataset(
         json_file=str(folder / ANNOTATIONS),
         image_root=str(folder / IMAGES),
         evaluator_type="coco",
+        generated_on_load=True,  # the files above appear on first load: nothing is missing before
     )
     return folder
 

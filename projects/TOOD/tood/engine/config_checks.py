@@ -114,12 +114,18 @@ def check_override_keys(cfg, overrides):
             )
 
 
-def check_dataset_names(cfg, eval_only=False):
-    """Raises, with the registered names, if a dataset the run reads is not registered."""
+def _dataset_keys(cfg, eval_only: bool) -> List[str]:
+    """The config keys of the datasets a run reads: the test set to evaluate, the training set (and the test set if
+    it evaluates) to train."""
     keys = ["dataloader.test.dataset.names"] if eval_only else ["dataloader.train.dataset.names"]
     if not eval_only and "evaluator" in cfg.dataloader:
         keys.append("dataloader.test.dataset.names")
-    for key in keys:
+    return keys
+
+
+def check_dataset_names(cfg, eval_only=False):
+    """Raises, with the registered names, if a dataset the run reads is not registered."""
+    for key in _dataset_keys(cfg, eval_only):
         names = OmegaConf.select(cfg, key, default=None)
         if names is not None:
             check_registered(names, key)
@@ -161,6 +167,8 @@ def _dataset_names(names) -> List[str]:
 def _missing_dataset_files(name: str) -> List[str]:
     """What the registered dataset ``name`` reads and lacks (its annotation file, its image folder), with the remedy."""
     metadata = MetadataCatalog.get(name)
+    if metadata.get("generated_on_load", False):
+        return []
     missing = [
         f"{what} {path}"
         for what, path in (("annotation file", metadata.get("json_file")), ("image folder", metadata.get("image_root")))
@@ -191,11 +199,10 @@ def preflight(cfg, eval_only: bool = False, resume: bool = False) -> None:
         check_dataset_names(cfg, eval_only)
     except DatasetNotRegisteredError as e:
         problems.append(str(e))
-    keys = ["dataloader.test.dataset.names"] if eval_only else ["dataloader.train.dataset.names"]
-    for key in keys:
-        for name in _dataset_names(OmegaConf.select(cfg, key, default=None) or []):
-            if name in DatasetCatalog.list():
-                problems += _missing_dataset_files(name)
+    names = [n for key in _dataset_keys(cfg, eval_only) for n in _dataset_names(OmegaConf.select(cfg, key) or [])]
+    for name in dict.fromkeys(names):  # each once, in order
+        if name in DatasetCatalog.list():
+            problems += _missing_dataset_files(name)
     output_dir = OmegaConf.select(cfg, "train.output_dir", default=None)
     resumable = resume and output_dir and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
     if not resumable:
