@@ -73,7 +73,8 @@ train.max_iter = 1300
 # same AP; float32 elsewhere, where bfloat16 is emulated and slower (tood.engine.train_loop.choose_precision).
 train.amp.enabled = None
 train.init_checkpoint = ""
-# A fixed seed (Detectron2's default draws one per run), so that the quick start's AP can be compared with README's.
+# A fixed seed (Detectron2's default draws one per run), so that the quick start's AP can be
+# compared with docs/benchmarks.md's.
 train.seed = 0
 train.eval_period = 0  # evaluate once, at the end
 train.checkpointer.period = 300

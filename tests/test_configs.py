@@ -1,5 +1,5 @@
 """Every LazyConfig of configs/ builds and trains a step on CPU; schedules, optimizer, data pipelines and the
-deformable backbone are the reference's (SPEC sections 1, 5, 7)."""
+deformable backbone are the reference's (mmdetection 3.3's configs/tood/)."""
 
 import json
 import math

@@ -34,6 +34,8 @@ def test_trainer_trains_checkpoints_evaluates_and_resumes(tmp_path):
     trainer.train()
     files = set(os.listdir(cfg.OUTPUT_DIR))
     assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint"} <= files
+    # The hooks are built once: one event file, one metrics writer.
+    assert len([f for f in files if f.startswith("events.out.tfevents")]) == 1
     results = trainer.test(cfg, trainer.model)  # COCOEvaluator, from build_evaluator
     assert math.isfinite(results["bbox"]["AP"])
     history = trainer.storage.history("total_loss").values()

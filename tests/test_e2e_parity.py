@@ -1,9 +1,11 @@
-"""End-to-end parity with mmdetection 3.3's TOOD R-50 detector (the ``e2e_oracle``, shared/oracle/README.md).
+"""End-to-end parity with mmdetection 3.3's TOOD R-50 detector (the ``e2e_oracle``, reference tensors recorded from
+mmdetection 3.3).
 
 The reference checkpoint is converted by :mod:`tood.conversion` and loaded into the model of configs/tood_R_50_1x.py;
 the model then runs on the reference's exact backbone input. Compared stage by stage: backbone C2-C5 (per-channel
 statistics), FPN P3-P7, the head's outputs and intermediates, the final detections, and the training losses of both
-phases. Tolerances (README): 1e-5 relative for features and scores, 0.01 px for boxes; labels and counts exactly.
+phases. Tolerances (docs/parity.md): 1e-5 relative for features and scores, 0.01 px for boxes; labels and counts
+exactly.
 Run with ``-s`` to see the measured deviations.
 
 The full forward at 800x800 takes seconds on a CPU: each module-scoped fixture runs it once.
@@ -223,7 +225,7 @@ def test_mmdet_resize_reproduces_the_training_images(e2e_oracle):
 
 def test_detectron2_default_resize_differs_by_one_intensity_level(e2e_oracle):
     """Detectron2's ResizeShortestEdge gives the same size but resizes with PIL, which rounds differently from
-    OpenCV: pixels differ by at most one level (measured effect on this model's detections: see the README)."""
+    OpenCV: pixels differ by at most one level (measured effect on this model's detections: docs/parity.md)."""
     image = rgb(e2e_oracle["input"]["ori_img_bgr"])
     ours = ResizeShortestEdge(800, 1333).get_transform(image).apply_image(image).astype(np.int16)
     reference = ResizeKeepRatioCV2(800, 1333).get_transform(image).apply_image(image).astype(np.int16)

@@ -19,7 +19,8 @@ from tests.test_yacs_config import assert_same_instances, random_inputs, yaml_cf
 from tood.backbone import FrozenStatsBatchNorm2d
 from tood.data.checks import CheckedDatasetMapper, DatasetNotRegisteredError
 from tood.engine import ConfigKeyError, Trainer, argument_parser, main
-from tood.engine.defaults import is_yacs_config
+from tood.engine.defaults import is_yacs_config, setup_yaml
+from tood.engine.training import load_config
 from tood.meta_arch import TOOD
 
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -220,3 +221,24 @@ def test_train_net_trains_and_evaluates_a_yaml_config(tiny_shapes, tmp_path):
     )
     results = main(args)
     assert results["bbox"]["AP"] == pytest.approx(final_ap[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("config", [*TWINS, *TWINS.values()])
+def test_train_net_takes_every_zoo_config(config, tiny_shapes, tmp_path):
+    """tools/train_net.py's set-up of each zoo config, YAML and LazyConfig, on a registered dataset: overrides,
+    checks and schedule pass (each config builds and trains a step in tests/test_configs.py; the YAML twins build the
+    same model above)."""
+    register = register_coco_args(tiny_shapes, "zoo_tiny")
+    if is_yacs_config(str(CONFIG_DIR / config)):
+        opts = ["DATASETS.TRAIN", "('zoo_tiny',)", "DATASETS.TEST", "('zoo_tiny',)", "MODEL.WEIGHTS", ""]
+        opts += ["OUTPUT_DIR", str(tmp_path)]
+        cfg = setup_yaml(argument_parser().parse_args(["--config-file", str(CONFIG_DIR / config), *register, *opts]))
+        assert cfg.DATASETS.TRAIN == ("zoo_tiny",) and cfg.SOLVER.MAX_ITER > cfg.MODEL.TOOD.TAL_START_ITER
+    else:
+        opts = ["dataloader.train.dataset.names=zoo_tiny", "dataloader.test.dataset.names=zoo_tiny"]
+        opts += ["model.num_classes=6", 'train.init_checkpoint=""', f"train.output_dir={tmp_path}"]
+        cfg, _ = load_config(
+            argument_parser().parse_args(["--config-file", str(CONFIG_DIR / config), *register, *opts])
+        )
+        # A dataset of a few images: one iteration per epoch, and the schedule counts its epochs.
+        assert cfg.train.iters_per_epoch == 1 and cfg.model.tal_start_iter == 4

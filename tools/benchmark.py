@@ -16,14 +16,14 @@ The last table times ``TaskAlignedAssigner`` against the per-image reference (to
 the full table, with memory). ``--profile`` instead profiles one training iteration and one inference of each
 model on CPU and prints the time of each part of the model (``tood.benchmarks.profiling``).
 
-Defaults on CUDA are the issue's: 800x1333, inference at batch 1 and 8, training at batch 2, 20 iterations. On
+Defaults on CUDA: 800x1333, inference at batch 1 and 8, training at batch 2, 20 iterations. On
 CPU they are cut to run in a few minutes on 2 cores: 320x512, inference at batch 1 and 2, 3 iterations. On a
 loaded machine ``--threads 1`` gives steadier figures (threads that wait for each other wait for the scheduler).
 
 Examples::
 
     tools/benchmark.py                                    # CPU, and CUDA with and without AMP where available
-    tools/benchmark.py --device cpu --size 800x1333 --batch-sizes 1 8 --iters 5   # the issue's sizes on CPU
+    tools/benchmark.py --device cpu --size 800x1333 --batch-sizes 1 8 --iters 5   # the CUDA sizes on CPU
     tools/benchmark.py --device cuda --config-file configs/tood_R_101_2x_ms.py
     tools/benchmark.py --profile --size 512x768
 """

@@ -15,6 +15,7 @@ checked against it strictly; the conversion is refused, naming every mismatch, w
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     if model is not None:
         print(f"checked against {args.config}: all {len(state_dict)} tensors have the model's names and shapes")
     author = f"mmdetection ({report.source}), converted by tools/convert_mmdet_to_d2.py"
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     torch.save({"model": state_dict, "__author__": author, "matching_heuristics": False}, args.output)
     print(f"wrote {len(state_dict)} tensors to {args.output}")
     return 0

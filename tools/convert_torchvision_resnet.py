@@ -69,6 +69,7 @@ def main(argv=None):
         parser.error("the output must end with .pkl (DetectionCheckpointer reads model-zoo weights from .pkl)")
 
     model = convert_state_dict(load_torchvision_state_dict(args.input))
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "wb") as f:
         # matching_heuristics: keys match by suffix, e.g. into backbone.bottom_up of an FPN backbone.
         author = f"{os.path.basename(args.input)}, converted by tools/convert_torchvision_resnet.py"

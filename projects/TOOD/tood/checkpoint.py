@@ -170,7 +170,7 @@ def check_weights_file(path: str, training: bool, key: str = "train.init_checkpo
         return
     if training:
         forward = (
-            "convert ImageNet weights into it (tools/convert_torchvision_resnet.py, see README 'Training on COCO'), "
+            "convert ImageNet weights into it (tools/convert_torchvision_resnet.py, see README's model zoo), "
             f'or train from scratch with {key}="" and trainable norms (e.g. '
             "configs/quickstart_shapes.py's BatchNorm backbone: FrozenBN and frozen-statistics BN only suit "
             "pretrained weights)"

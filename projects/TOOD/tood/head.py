@@ -1,4 +1,4 @@
-"""TOOD's task-aligned head (T-Head), SPEC section 2.
+"""TOOD's task-aligned head (T-Head), section 3.1 of the paper (Feng et al., ICCV 2021).
 
 Computes what mmdetection 3.3's ``TOODHead.forward`` computes; parameter names differ and are mapped in
 :mod:`tood.mmdet_names`.

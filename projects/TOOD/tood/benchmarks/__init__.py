@@ -1,4 +1,4 @@
-"""The measurements behind README.md's Performance section; ``tools/benchmark.py``,
+"""The measurements behind docs/benchmarks.md; ``tools/benchmark.py``,
 ``tools/benchmark_assigner.py`` and ``tools/benchmark_training.py`` parse arguments and call these.
 
 * :mod:`.detectors`: size, speed and memory of TOOD next to Detectron2's RetinaNet R-50-FPN.

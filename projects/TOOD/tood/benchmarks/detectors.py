@@ -44,8 +44,8 @@ __all__ = [
 
 # Detectron2's RetinaNet R-50-FPN 1x: common/models/retinanet.py with the stem and res2 frozen (freeze_at=2), as TOOD's.
 RETINANET_CONFIG = "COCO-Detection/retinanet_R_50_FPN_1x.py"
-# Per device type: (image size, inference batch sizes, training batch size, timed iterations). On CUDA the issue's;
-# on CPU cut to run in a few minutes on 2 cores.
+# Per device type: (image size, inference batch sizes, training batch size, timed iterations). On CUDA the reference's
+# input size; on CPU cut to run in a few minutes on 2 cores.
 DEFAULTS = {"cuda": ((800, 1333), [1, 8], 2, 20), "cpu": ((320, 512), [1, 2], 2, 3)}
 
 

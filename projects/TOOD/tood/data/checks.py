@@ -1,6 +1,6 @@
 """Checks of training data: bad images, annotations and COCO json files are explained or handled as documented.
 
-What happens (README, "When things go wrong"):
+What happens (docs/troubleshooting.md):
 
 * image file missing, unreadable, truncated, or of another size than its record says: an error naming the file;
   in training with :class:`CheckedDatasetMapper` ``on_bad_image="skip"``, a warning naming it and another image

@@ -8,13 +8,15 @@ inner loops (:mod:`tood.engine.train_loop`: finite-loss check, bfloat16 on CPU),
 """
 
 import difflib
+import logging
 import weakref
 
 import torch
 import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine import DefaultTrainer, TrainerBase, default_setup
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
@@ -44,22 +46,30 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Scaled here, MODEL.TOOD.TAL_START_ITER included: DefaultTrainer's own scaling then has nothing left to do.
+        # DefaultTrainer.__init__'s steps, with TOOD's inner loop and checkpointer built once: DefaultTrainer's own
+        # build Detectron2's loop (whose AMP asserts CUDA) and hooks whose writers a second build would leave open.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         if comm.get_world_size() > 1 and torch.device(cfg.MODEL.DEVICE).type == "cpu":
             raise ValueError(
                 "Trainer (Detectron2's DefaultTrainer) trains in several processes on GPUs only: train a YAML config "
                 "on CPU in one process, or use a LazyConfig (configs/*.py), which trains in several CPU processes too."
             )
-        super().__init__(cfg)
-        # DefaultTrainer builds Detectron2's own loop and checkpointer: the same objects go into TOOD's.
-        inner = self._trainer
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
         self._trainer = build_trainer(
-            inner.model, inner.data_loader, inner.optimizer, amp=cfg.SOLVER.AMP.ENABLED, device=cfg.MODEL.DEVICE
+            model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, device=cfg.MODEL.DEVICE
         )
-        self.checkpointer = TOODCheckpointer(inner.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = TOODCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self._trainer.checkpointer = self.checkpointer
-        self._hooks = []
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
     @staticmethod
