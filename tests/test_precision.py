@@ -11,7 +11,7 @@ from detectron2.structures import Boxes, Instances
 
 from tests.conftest import REPO_ROOT
 from tood.engine import train_loop
-from tood.engine.train_loop import CPUAMPTrainer, choose_precision, cpu_bfloat16_units
+from tood.engine.train_loop import CPUAMPTrainer, choose_precision, cpu_bfloat16_units, inference_autocast
 
 
 @pytest.fixture
@@ -102,3 +102,17 @@ def test_bfloat16_training_learns():
     assert all(torch.isfinite(torch.tensor(log.losses)))
     # Within each assignment phase (ATSS, then task-aligned) the loss on the same batch falls.
     assert log.losses[5] < log.losses[0] and log.losses[11] < log.losses[6], log.losses
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_cpu_inference_follows_the_training_choice(cpu_units, units):
+    """Evaluation (``do_test``) and ``LazyPredictor`` predict under this context: bfloat16 autocast exactly where
+    training chose it, on CPU; never on CUDA."""
+    cpu_units(units, False)
+    for amp, expected in ((None, units), (True, True), (False, False)):
+        with inference_autocast(amp, "cpu"):
+            assert torch.is_autocast_enabled("cpu") == expected, amp
+            if expected:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with inference_autocast(True, "cuda"):
+        assert not torch.is_autocast_enabled("cpu")

@@ -6,6 +6,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 
 from ..checkpoint import TOODCheckpointer, check_weights_file
+from .train_loop import inference_autocast
 
 __all__ = ["LazyPredictor", "dataset_metadata"]
 
@@ -24,6 +25,7 @@ class LazyPredictor:
 
     As Detectron2's ``DefaultPredictor`` (which takes a YAML config): the image is converted to the model's input
     format and resized by the test loader's augmentations; predictions come back in the given image's coordinates.
+    On CPU it predicts in the precision ``train.amp.enabled`` gives training (bfloat16 autocast where chosen).
     """
 
     def __init__(self, cfg):
@@ -35,6 +37,7 @@ class LazyPredictor:
         self.augmentations = T.AugmentationList(list(instantiate(cfg.dataloader.test.mapper.augmentations)))
         self.input_format = cfg.dataloader.test.mapper.image_format
         self.metadata = dataset_metadata(cfg.dataloader.test.dataset.names)
+        self.amp, self.device = cfg.train.amp.get("enabled"), cfg.train.device
 
     @torch.no_grad()
     def __call__(self, image_bgr):
@@ -44,4 +47,5 @@ class LazyPredictor:
         self.augmentations(aug_input)
         tensor = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
         inputs = {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
-        return self.model([inputs])[0]["instances"].to("cpu")
+        with inference_autocast(self.amp, self.device):
+            return self.model([inputs])[0]["instances"].to("cpu")

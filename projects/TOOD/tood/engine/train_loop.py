@@ -16,6 +16,7 @@ __all__ = [
     "CPUAMPTrainer",
     "choose_precision",
     "cpu_bfloat16_units",
+    "inference_autocast",
     "CheckedAMPTrainer",
     "CheckedSimpleTrainer",
     "add_gradient_clipping",
@@ -135,6 +136,13 @@ def choose_precision(amp: Optional[bool], device="cpu") -> Tuple[bool, str]:
         return True, f"{mixed}: this CPU has {' and '.join(units)} (train.amp.enabled=False for float32)"
     capability = torch.backends.cpu.get_cpu_capability()
     return False, f"float32: no bfloat16 units on this CPU ({capability}; train.amp.enabled=True forces bfloat16)"
+
+
+def inference_autocast(amp: Optional[bool], device="cpu"):
+    """The autocast context for inference in the precision that :func:`choose_precision` gives training: bfloat16
+    on a CPU where it is chosen; none otherwise (inference on CUDA stays float32, as Detectron2's)."""
+    enabled = torch.device(device).type == "cpu" and choose_precision(amp, device)[0]
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def build_trainer(model, data_loader, optimizer, *, amp: bool = False, device="cpu") -> SimpleTrainer:

@@ -5,7 +5,8 @@ Config keys beyond Detectron2's ``common/train.py`` (configs/common/train.py):
 
 * ``train.amp.enabled``: mixed precision; on CUDA Detectron2's AMPTrainer (fp16 + loss scaling), on CPU bfloat16
   autocast (:class:`~tood.engine.train_loop.CPUAMPTrainer`); None chooses by the CPU
-  (:func:`~tood.engine.train_loop.choose_precision`: bfloat16 where it has bfloat16 units, float32 elsewhere).
+  (:func:`~tood.engine.train_loop.choose_precision`: bfloat16 where it has bfloat16 units, float32 elsewhere), for
+  training and, on CPU, for evaluation.
 * ``train.clip_grad``: ``enabled``, ``max_norm``, ``norm_type``: clip the global gradient norm before each step
   and log it as ``grad_norm``.
 * ``train.device``: "cuda" or "cpu". Without CUDA, ``--num-gpus N`` starts N CPU processes (DDP over gloo).
@@ -46,7 +47,7 @@ from .config_checks import (
     use_available_coco_eval,
 )
 from .launch import launch
-from .train_loop import add_gradient_clipping, build_trainer, choose_precision
+from .train_loop import add_gradient_clipping, build_trainer, choose_precision, inference_autocast
 
 __all__ = [
     "add_register_coco_argument",
@@ -174,7 +175,8 @@ def do_test(cfg, model):
         return {}
     # The loader first: a generated dataset writes the json the evaluator reads when it is first loaded.
     data_loader = instantiate(cfg.dataloader.test)
-    results = inference_on_dataset(model, data_loader, instantiate(cfg.dataloader.evaluator))
+    with inference_autocast(cfg.train.amp.get("enabled"), cfg.train.device):
+        results = inference_on_dataset(model, data_loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     return results
 
