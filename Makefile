@@ -1,13 +1,14 @@
 # The two set-up commands of README.md. Both build .venv/ first if needed (tools/setup_env.sh, idempotent).
 #   make quickstart   train TOOD on the generated dataset on CPU, evaluate it, draw predictions
 #   make test         lint + the whole test suite (what CI runs: .ci/run)
+#   make test-fast    lint + the tests not marked slow (no training runs, no float64 trajectory)
 # PYTHON=/path/to/python picks the interpreter (one with a working detectron2 build is used as it is, unchanged).
 # Without PYTHON, .venv stays built for the interpreter it was built for (python3 the first time).
 
 PYTHON ?=
 VENV_PY := .venv/bin/python
 
-.PHONY: env quickstart test lint format
+.PHONY: env quickstart test test-fast lint format
 
 env:
 	@PYTHON="$(PYTHON)" bash tools/setup_env.sh
@@ -25,3 +26,6 @@ format: env
 
 test: lint
 	$(VENV_PY) -m pytest
+
+test-fast: lint
+	$(VENV_PY) -m pytest -m "not slow"

@@ -54,6 +54,7 @@ COVERAGE = {
         "tests/test_quickstart.py::test_quickstart_trains_evaluates_draws_and_reports",
     ],
     "make test": [HERE + "test_make_targets", "tests/test_env.py::test_venv_sees_the_packages_its_mode_promises"],
+    "make test-fast": [HERE + "test_make_targets"],
     "make test PYTHON=": [
         HERE + "test_make_targets",
         "tests/test_env.py::test_the_interpreter_check_agrees_with_the_mode",
@@ -271,9 +272,13 @@ def test_make_targets():
         python = next((t.split("=", 1)[1] for t in tokens if t.startswith("PYTHON=")), "")
         assert lines[0] == f'PYTHON="{python}" bash tools/setup_env.sh', shown.stdout
         target = tokens[1]
-        expected = {"quickstart": [".venv/bin/python tools/quickstart.py"], "test": [".venv/bin/python -m pytest"]}
+        expected = {
+            "quickstart": [".venv/bin/python tools/quickstart.py"],
+            "test": [".venv/bin/python -m pytest"],
+            "test-fast": ['.venv/bin/python -m pytest -m "not slow"'],
+        }
         assert lines[-1] in expected[target], shown.stdout
-        if target == "test":
+        if target.startswith("test"):
             assert ".venv/bin/python -m ruff format --check ." in lines
 
 

@@ -127,6 +127,7 @@ def user_args(data, output, *overrides):
     )
 
 
+@pytest.mark.slow
 def test_max_iter_2_on_the_zoo_config_trains_and_writes_its_checkpoint(user_data, tmp_path, caplog):
     """Two iterations of the R-50 1x config on the user's data: the LR steps (epochs 8 and 11 of this dataset) and
     the ATSS -> TAL switch lie past the end and are said to; the bad images are skipped, the degenerate boxes
@@ -153,6 +154,7 @@ def test_max_iter_2_on_the_zoo_config_trains_and_writes_its_checkpoint(user_data
     assert saved.train.iters_per_epoch == epoch  # the epoch length goes with the run
 
 
+@pytest.mark.slow
 def test_max_iter_between_the_milestones_reaches_the_first_step_only(user_data, tmp_path):
     """One iteration per epoch: the LR steps at iterations 8 and 11; a run of 10 takes the first, not the second
     (the rates read back from the run's metrics)."""
@@ -223,6 +225,7 @@ def test_missing_coco_and_weights_are_named_together(tmp_path, monkeypatch):
     assert "convert_torchvision_resnet.py" in message
 
 
+@pytest.mark.slow
 def test_the_headline_command_without_coco_ends_with_reasons_not_a_traceback(tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "nothing_here"))
     cmd = [sys.executable, "tools/train_net.py", "--config-file", "configs/tood_R_50_1x.py", "train.max_iter=2"]

@@ -149,12 +149,14 @@ def theirs(name: str) -> str:
     return mmdet
 
 
+@pytest.mark.slow  # the float64 trajectory: minutes on a CPU
 def test_the_float64_run_computes_in_float64(f64_trajectory):
     model = f64_trajectory["model"]
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert {g.dtype for g in f64_trajectory["recorder"].grads.values()} == {torch.float64}
 
 
+@pytest.mark.slow  # the float64 trajectory: minutes on a CPU
 def test_losses_of_every_step(f64_trajectory, f64_reference):
     """Classification and box loss of each step, warm-up and task-aligned, to 1e-10."""
     ours = f64_trajectory["recorder"].losses
@@ -189,12 +191,14 @@ def _close_stats(ours: dict, ref: dict, rtol: float, atol: float, what: str):
     assert worst <= 1, f"{what} of {worst_name}: {ours[worst_name].tolist()} vs {ref[worst_name].tolist()}"
 
 
+@pytest.mark.slow  # the float64 trajectory: minutes on a CPU
 def test_step0_gradients(f64_trajectory, f64_reference):
     """Sum, abs-sum, l2 and abs-max of every parameter's step-0 gradient, to 1e-9 (1e-12 absolute near zero)."""
     grads = {theirs(n): stats(g) for n, g in f64_trajectory["recorder"].grads.items()}
     _close_stats(grads, f64_reference["grad_step0_stats"], GRAD_RTOL, GRAD_ATOL, "step-0 gradients")
 
 
+@pytest.mark.slow  # the float64 trajectory: minutes on a CPU
 def test_updates_of_every_tensor(f64_trajectory, f64_reference):
     """The statistics of every tensor's change over the whole run and of its final value, to 1e-8 (1e-12 absolute
     near zero); tensors the reference keeps fixed (frozen stem and res2, BatchNorm statistics) exactly unchanged."""
@@ -212,6 +216,7 @@ def test_updates_of_every_tensor(f64_trajectory, f64_reference):
     _close_stats(finals, f64_reference["final_stats"], UPDATE_RTOL, UPDATE_ATOL, "final tensors")
 
 
+@pytest.mark.slow  # the float64 trajectory: minutes on a CPU
 def test_frozen_tensors_are_the_reference_s(f64_trajectory, f64_reference):
     model = f64_trajectory["model"]
     frozen = sorted(theirs(n) for n, p in model.named_parameters() if not p.requires_grad)
@@ -220,6 +225,7 @@ def test_frozen_tensors_are_the_reference_s(f64_trajectory, f64_reference):
     assert trained == sorted(f64_reference["grad_step0_stats"])
 
 
+@pytest.mark.slow  # the float64 trajectory: minutes on a CPU
 def test_optimizer_is_the_reference_s(f64_trajectory, f64_reference):
     """SGD, momentum 0.9, weight decay 1e-4 on every trainable parameter (norms, biases and scales included)."""
     (ref_group,) = f64_reference["meta"]["optimizer"]["groups"]
