@@ -1,11 +1,12 @@
 """Checks of a LazyConfig and its command-line overrides, so that a mistake fails early and says how to fix it."""
 
 import difflib
+import functools
 import inspect
 import json
 import math
 import os
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
@@ -187,14 +188,17 @@ def _missing_dataset_files(name: str) -> List[str]:
     return [f"Dataset '{name}' needs the {' and the '.join(missing)}, which do not exist: {remedy}."]
 
 
-def preflight(cfg, eval_only: bool = False, resume: bool = False) -> None:
+def preflight(cfg, eval_only: bool = False, resume: bool = False, problems: Sequence[str] = ()) -> None:
     """Checks, before anything is built, that the run has what it reads: registered datasets, their files, and the
     weights of ``train.init_checkpoint`` (unless ``resume`` finds a checkpoint in ``train.output_dir``).
+
+    Args:
+        problems: found earlier by the caller (e.g. a dataset that could not be registered), reported with these.
 
     Raises:
         PreflightError: naming every missing dataset, file and weights file together, each with its remedy.
     """
-    problems = []
+    problems = list(problems)
     try:
         check_dataset_names(cfg, eval_only)
     except DatasetNotRegisteredError as e:
@@ -281,6 +285,17 @@ def _usable(annotation) -> bool:
     return not annotation.get("iscrowd", 0) and isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0
 
 
+@functools.lru_cache(maxsize=8)
+def _count_json_images(json_file: str, modified: float, filter_empty: bool) -> int:
+    """Images of a COCO annotation file (with ``filter_empty``: those with a usable box); cached per file version, so
+    that the check before launching and each process's set-up read it once."""
+    with open(json_file) as f:
+        coco = json.load(f)
+    if filter_empty:
+        return len({a["image_id"] for a in coco.get("annotations", []) if _usable(a)})
+    return len(coco.get("images", []))
+
+
 def _count_training_images(names, filter_empty: bool) -> int:
     """Training images of the datasets ``names`` (with ``filter_empty``: those with a non-crowd box of some area),
     counted without building the dataset: from ``MetadataCatalog``'s ``num_train_images`` where a known dataset has
@@ -292,12 +307,7 @@ def _count_training_images(names, filter_empty: bool) -> int:
         if filter_empty and known is not None:
             total += known
         elif json_file and os.path.isfile(json_file):
-            with open(json_file) as f:
-                coco = json.load(f)
-            if filter_empty:
-                total += len({a["image_id"] for a in coco.get("annotations", []) if _usable(a)})
-            else:
-                total += len(coco.get("images", []))
+            total += _count_json_images(json_file, os.path.getmtime(json_file), filter_empty)
         else:
             total += len(get_checked_dataset_dicts(name, filter_empty))
     return total

@@ -70,12 +70,9 @@ def register_coco_datasets(specs):
     name already registered with the same files is left as it is."""
     for name, json_file, image_root in specs or ():
         metadata = MetadataCatalog.get(name)
-        if name in DatasetCatalog.list() and (metadata.get("json_file"), metadata.get("image_root")) == (
-            json_file,
-            image_root,
-        ):
-            continue
-        register_checked_coco(name, json_file, image_root)
+        registered = name in DatasetCatalog.list()
+        if not (registered and metadata.get("json_file") == json_file and metadata.get("image_root") == image_root):
+            register_checked_coco(name, json_file, image_root)
 
 
 def add_register_coco_argument(parser, help="register a COCO-format dataset under NAME before building the config"):
@@ -129,14 +126,7 @@ def load_config(args, configure=None):
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     if configure is not None:
         configure(cfg)
-    try:
-        preflight(cfg, args.eval_only, args.resume)
-    except PreflightError as e:
-        problems += str(e).splitlines()[1:]
-    if problems:
-        raise PreflightError(
-            "The run cannot start:\n" + "\n".join(p if p.startswith("  * ") else f"  * {p}" for p in problems)
-        )
+    preflight(cfg, args.eval_only, args.resume, problems)
     use_available_coco_eval(cfg)
     if args.eval_only:
         return cfg, []
