@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -7,6 +8,15 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Reference tensors recorded from mmdetection 3.3, in a folder beside the checkout; TOOD_ORACLE_DIR overrides.
 ORACLE_DIR = Path(os.environ.get("TOOD_ORACLE_DIR", REPO_ROOT.parent / "shared" / "oracle"))
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module, without running its ``__main__`` block: tests call its functions
+    in-process."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load_oracle(name):

@@ -1,5 +1,5 @@
 """tools/accuracy_study.py's baseline configs: RetinaNet and FCOS share everything with the TOOD quick start but
-the detector; and the study's protocol (tood.accuracy_study.run_protocol) sweeps, selects on the tuning split,
+the detector; and the study's protocol (studies.accuracy.run_protocol) sweeps, selects on the tuning split,
 trains the seeds, evaluates with own and matched post-processing, measures alignment, tabulates, plots and
 resumes, end to end on a tiny generated dataset."""
 
@@ -11,8 +11,8 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from omegaconf import OmegaConf
 
+from studies.accuracy import MATCHED_POSTPROCESSING, Detector, Setting, run_protocol, train
 from tests.conftest import REPO_ROOT
-from tood.accuracy_study import MATCHED_POSTPROCESSING, Detector, Setting, run_protocol, train
 from tood.data import register_shapes_dataset
 
 # The models of tools/accuracy_study.py, in its order.

@@ -14,11 +14,11 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
 from torch import nn
 
-from tests.conftest import REPO_ROOT
+from studies.alignment_report import alignment_report
+from tests.conftest import REPO_ROOT, load_tool
 from tood.alignment import (
     AlignmentEvaluator,
     DensePredictions,
-    alignment_report,
     dense_predictions,
     nms_misranks,
     object_alignment,
@@ -359,14 +359,21 @@ def test_report_compares_models(tmp_path, tiny_dataset):
     assert matplotlib.image.imread(out / "scatter.png").shape[1] == 900
 
 
-@pytest.mark.slow  # three processes that import torch and detectron2
-def test_tool_rejects_bad_arguments(tmp_path):
+def test_tool_rejects_bad_arguments(capsys):
+    tool = load_tool("analyze_alignment")
     for args, message in [
         (["--config-file", "a.py"], "--config-file and --weights are required"),
         (["--compare", "no-weights.py"], "expected NAME=CONFIG:WEIGHTS"),
+        (["--compare", "A=a.py:a.pth", "--config-file", "b.py"], "use either --compare or --config-file/--weights"),
+        (["--compare", "A=a.py:a.pth", "--compare", "A=b.py:b.pth"], "model names must be unique"),
     ]:
-        proc = run_tool(*args, cwd=tmp_path)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    # The weights may be a URL: the spec splits at the first ':' (then the config is not found).
-    proc = run_tool("--compare", "R=cfg.py:detectron2://x/model.pkl", cwd=tmp_path)
-    assert proc.returncode == 1 and "Analysing R: cfg.py with detectron2://x/model.pkl" in proc.stdout, proc.stdout
+        with pytest.raises(SystemExit) as exit_info:
+            tool.parse_args(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, args
+    # The weights may be a URL: the spec splits at the first ':'.
+    assert tool.parse_args(["--compare", "R=cfg.py:detectron2://x/model.pkl"]).models == [
+        ("R", "cfg.py", "detectron2://x/model.pkl")
+    ]
+    assert tool.parse_args(["--config-file", "c/tood.py", "--weights", "w.pth"]).models == [
+        ("tood", "c/tood.py", "w.pth")
+    ]

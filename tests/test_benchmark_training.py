@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from benchmarks import training
 from tests.conftest import REPO_ROOT
 from tests.test_benchmark import NUMBER, table_rows
-from tood.benchmarks import training
 
 TOOL = REPO_ROOT / "tools" / "benchmark_training.py"
 TINY = ["--threads", "1", "--sizes", "64x96", "--iters", "1", "--warmup", "0", "--gts", "2"]

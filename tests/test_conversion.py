@@ -6,7 +6,6 @@ tensors: right shapes, no memory), checked against the models of the zoo configs
 """
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -15,7 +14,7 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_tool
 from tood.conversion import (
     CheckpointMismatch,
     convert_mmdet_checkpoint,
@@ -24,15 +23,7 @@ from tood.conversion import (
 )
 from tood.mmdet_names import convert_head_state_dict_to_mmdet
 
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_mmdet_to_d2", REPO_ROOT / "tools/convert_mmdet_to_d2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("convert_mmdet_to_d2")
 _SKELETONS = {}
 
 

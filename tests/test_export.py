@@ -16,14 +16,13 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import Boxes, Instances
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_tool
 from tood.data import generate_dataset
 from tood.export import (
     ONNX_OPSET,
     ExportedTOOD,
     PostprocessParams,
     detection_deviations,
-    export_and_verify,
     export_model,
 )
 
@@ -155,9 +154,11 @@ def test_anchor_based_dynamic_size(images, tmp_path):
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_and_verify(image_folder, tmp_path, fmt):
     """What tools/export_model.py runs, on the quick-start model: exports, verifies against PyTorch, times both."""
-    cfg = LazyConfig.load(str(REPO_ROOT / "configs" / "quickstart_shapes.py"))
+    tool = load_tool("export_model")
+    config = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
     image = str(image_folder / "000000.jpg")
-    report = export_and_verify(cfg, fmt, str(tmp_path), image_paths=[image], runs=2)
+    args = ["--config-file", config, "--format", fmt, "--output", str(tmp_path), "--sample-image", image, "--runs", "2"]
+    report = tool.main(tool.argument_parser().parse_args(args))
     assert report["ok"]
     assert report["path"] == str(tmp_path / ("model.onnx" if fmt == "onnx" else "model.ts"))
     assert set(report["latency_ms"]) == {"pytorch", fmt} and min(report["latency_ms"].values()) > 0

@@ -1,21 +1,13 @@
 """tools/quickstart.py end to end, at a few iterations on a small generated dataset: it trains, evaluates, draws
 predictions and says how long training took per iteration and what AP it reached."""
 
-import importlib.util
 import re
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_tool
 from tood.data import register_shapes_dataset
 from tood.engine.train_loop import choose_precision
 
 IMAGE_SIZE = 96
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("quickstart", REPO_ROOT / "tools" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quickstart_trains_evaluates_draws_and_reports(tmp_path, capsys):
@@ -29,7 +21,7 @@ def test_quickstart_trains_evaluates_draws_and_reports(tmp_path, capsys):
         ]
     output = tmp_path / "run"
     argv = ["--max-iter", "3", "--output", str(output), "--num-images", "2", "dataloader.train.total_batch_size=2"]
-    results = load_tool().main(argv + opts)
+    results = load_tool("quickstart").main(argv + opts)
 
     out = capsys.readouterr().out
     # The first line says which precision this CPU trains in, and why; the last ones, the speed it had.

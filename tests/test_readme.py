@@ -34,7 +34,7 @@ from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Instances
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_tool
 from tood import add_tood_config
 from tood.checkpoint import check_weights_file
 from tood.data import get_shapes_dataset
@@ -155,13 +155,6 @@ def bash_commands(text=README):
 
 def python_blocks(text=README):
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"readme_{name}", REPO_ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 demo = load_tool("demo")

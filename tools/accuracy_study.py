@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Accuracy study: TOOD against Detectron2's RetinaNet and FCOS, and TOOD's controls, trained from scratch on the
-generated shapes under one protocol (tood.accuracy_study.run_protocol).
+generated shapes under one protocol (studies.accuracy.run_protocol).
 
 The detectors share the backbone, input normalisation, data, batch, iterations and schedule (configs/
 quickstart_shapes.py, quickstart_shapes_retinanet.py, quickstart_shapes_fcos.py); each keeps its head, assignment,
@@ -22,9 +22,14 @@ Examples::
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
-from tood.accuracy_study import Detector, run_protocol
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
+import tood  # noqa: E402,F401  registers TOOD's meta-architecture, config resolvers and generated datasets
+from studies.accuracy import Detector, run_protocol  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TOOD = os.path.join(CONFIGS, "quickstart_shapes.py")
@@ -74,6 +79,7 @@ if __name__ == "__main__":
     orphans = [n for n in args.models if MODELS[n].tuned_like and MODELS[n].tuned_like not in args.models]
     if orphans:
         parser.error(f"{', '.join(orphans)} take(s) TOOD's selected setting: add TOOD to --models")
+    setup_logger(name="studies")
     run_protocol(
         {name: MODELS[name] for name in MODELS if name in args.models},
         args.output,

@@ -22,12 +22,14 @@ Examples::
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from detectron2.utils.logger import setup_logger
 
-import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
-from tood.alignment import alignment_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
+import tood  # noqa: E402,F401  registers TOOD's meta-architecture, config resolvers and generated datasets
+from studies.alignment_report import alignment_report  # noqa: E402
 
 
 def parse_compare(spec):
@@ -64,19 +66,23 @@ def argument_parser():
     return parser
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
+    """The command line ``argv`` (default: sys.argv), checked; exits with status 2 and the reason on an error."""
     parser = argument_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.compare and (args.config_file or args.weights):
         parser.error("use either --compare or --config-file/--weights")
     if not args.compare and not (args.config_file and args.weights):
         parser.error("--config-file and --weights are required (or --compare NAME=CONFIG:WEIGHTS ...)")
-    specs = args.compare or [(Path(args.config_file).stem, args.config_file, args.weights)]
-    if len({name for name, _, _ in specs}) != len(specs):
+    args.models = args.compare or [(Path(args.config_file).stem, args.config_file, args.weights)]
+    if len({name for name, _, _ in args.models}) != len(args.models):
         parser.error("model names must be unique")
-    setup_logger(name="tood")
-    alignment_report(
-        {name: (config, weights) for name, config, weights in specs},
+    return args
+
+
+def main(args):
+    return alignment_report(
+        {name: (config, weights) for name, config, weights in args.models},
         args.output,
         opts=args.opts,
         dataset=args.dataset,
@@ -84,3 +90,10 @@ if __name__ == "__main__":
         num_figures=args.num_figures,
         min_iou=args.min_iou,
     )
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    setup_logger(name="tood")
+    setup_logger(name="studies")
+    main(args)

@@ -3,18 +3,18 @@
 
 Parameters, fvcore FLOPs of the dense network at ``--flops-size``, inference latency and images/s per batch size,
 time and extra peak memory of a training iteration, on each device and precision, with the ratio TOOD / RetinaNet
-(what is measured, and how: ``tood.benchmarks.detectors``). The two models' timed runs alternate after
+(what is measured, and how: ``benchmarks.detectors``). The two models' timed runs alternate after
 ``--warmup`` untimed rounds and medians are reported. Weights are random, images random, every training image
 has ``--gts`` random boxes, and TOOD trains in its task-aligned phase (``--tood-phase atss``: its warm-up). Random
 weights score almost no location above the inference threshold, so post-processing has next to nothing to do;
 ``--test-score-thresh 0`` gives it the most (every location and class are candidates).
 
 Peak memory on CUDA is ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size, which includes the
-allocator's overhead and which Linux keeps only to some tens of MB (``tood.engine.benchmark``).
+allocator's overhead and which Linux keeps only to some tens of MB (``benchmarks.timing``).
 
 The last table times ``TaskAlignedAssigner`` against the per-image reference (tools/benchmark_assigner.py prints
 the full table, with memory). ``--profile`` instead profiles one training iteration and one inference of each
-model on CPU and prints the time of each part of the model (``tood.benchmarks.profiling``).
+model on CPU and prints the time of each part of the model (``benchmarks.profiling``).
 
 Defaults on CUDA: 800x1333, inference at batch 1 and 8, training at batch 2, 20 iterations. On
 CPU they are cut to run in a few minutes on 2 cores: 320x512, inference at batch 1 and 2, 3 iterations. On a
@@ -29,15 +29,17 @@ Examples::
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-import tood  # noqa: F401  registers TOOD's meta-architecture and config resolvers
-from tood.benchmarks import image_size
-from tood.benchmarks.assigner import assigner_table
-from tood.benchmarks.detectors import RETINANET_CONFIG, compare_with_retinanet
-from tood.benchmarks.profiling import profile_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
+import tood  # noqa: E402,F401  registers TOOD's meta-architecture and config resolvers
+from benchmarks import image_size  # noqa: E402
+from benchmarks.assigner import assigner_table  # noqa: E402
+from benchmarks.detectors import RETINANET_CONFIG, compare_with_retinanet  # noqa: E402
+from benchmarks.profiling import profile_models  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tood_R_50_1x.py"
 

@@ -2,11 +2,11 @@
 """Benchmark of ``TaskAlignedAssigner`` against a straightforward per-image implementation of the same algorithm.
 
 Prints, for each GT count, the median time of a few calls and the extra peak memory of one call for both, their
-ratio, and whether both assign every anchor identically (``tood.benchmarks.assigner``). It is a measurement, not
+ratio, and whether both assign every anchor identically (``benchmarks.assigner``). It is a measurement, not
 a test.
 
 Memory: extra peak of the heap memory PyTorch allocates on the CPU (tensors and kernels' scratch buffers), as
-glibc counts it in a fresh process (``tood.engine.benchmark.heap_peak_mb``; the resident set size is no good
+glibc counts it in a fresh process (``benchmarks.timing.heap_peak_mb``; the resident set size is no good
 here: recent kernels only keep it approximately, off by tens of MB). Linux/glibc.
 
 Examples::
@@ -16,10 +16,13 @@ Examples::
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from tood.benchmarks.assigner import assigner_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
+from benchmarks.assigner import assigner_table  # noqa: E402
 
 
 def argument_parser():

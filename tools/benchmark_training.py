@@ -3,7 +3,7 @@
 batch and config overrides.
 
 Every combination of --precision, --memory-format, --sizes, --batch-sizes and --variant is timed on random
-images with random boxes (``tood.benchmarks.training``); the variants' iterations alternate, and each row gives
+images with random boxes (``benchmarks.training``); the variants' iterations alternate, and each row gives
 the median s / iteration, images / s and the ratio to the first row. The first value of each axis makes the first
 row: the baseline.
 
@@ -20,12 +20,15 @@ Examples::
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 
-import tood  # noqa: F401  registers TOOD's meta-architecture and config resolvers
-from tood.benchmarks import image_size
-from tood.benchmarks.training import training_speed_table, training_variants
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
+import tood  # noqa: E402,F401  registers TOOD's meta-architecture and config resolvers
+from benchmarks import image_size  # noqa: E402
+from benchmarks.training import training_speed_table, training_variants  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart_shapes.py"

@@ -23,14 +23,20 @@ Examples::
 """
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 import torch
 from detectron2.config import LazyConfig
 from detectron2.utils.logger import setup_logger
 
-import tood  # noqa: F401  registers TOOD's config resolvers and generated datasets
-from tood.export import FORMATS, export_and_verify
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ beside tools/
+import tood  # noqa: E402,F401  registers TOOD's config resolvers and generated datasets
+from benchmarks.timing import median_times  # noqa: E402
+from tood.export import FORMATS, export_and_verify  # noqa: E402
+
+logger = logging.getLogger("tood.export")
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -60,11 +66,9 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    setup_logger(name="tood")
-    setup_logger()
-    report = export_and_verify(
+def main(args) -> dict:
+    """Exports, verifies and times; returns ``{"path", "ok", "latency_ms": {"pytorch": ms, format: ms}}``."""
+    result = export_and_verify(
         LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts),
         args.format,
         args.output,
@@ -73,6 +77,28 @@ if __name__ == "__main__":
         num_generated=args.num_images,
         dynamic=not args.fixed_size,
         num_threads=args.threads,
-        runs=args.runs,
     )
-    sys.exit(0 if report["ok"] else 1)
+    # End to end, post-processing included, on the first image; 2 warm-up calls (TorchScript optimises its graph
+    # in its first runs, ONNX Runtime allocates its buffers).
+    image = result.images[0][1]
+    with torch.no_grad():
+        seconds = median_times(
+            {"pytorch": lambda: result.model([{"image": image}]), args.format: lambda: result.exported(image)},
+            args.runs,
+            warmup=2,
+        )
+    latency = {name: 1000 * s for name, s in seconds.items()}
+    runtime = "ONNX Runtime" if args.format == "onnx" else "TorchScript"
+    logger.info(
+        f"Latency, median of {args.runs} runs, {torch.get_num_threads()} CPU threads, "
+        f"{image.shape[1]}x{image.shape[2]} input, end to end: PyTorch {latency['pytorch']:.1f} ms, "
+        f"{runtime} {latency[args.format]:.1f} ms (speed-up {latency['pytorch'] / latency[args.format]:.2f}x)"
+    )
+    return {"path": result.path, "ok": result.ok, "latency_ms": latency}
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    setup_logger(name="tood")
+    setup_logger()
+    sys.exit(0 if main(args)["ok"] else 1)

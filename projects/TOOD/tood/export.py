@@ -3,11 +3,11 @@
 The exported graph is the dense part of inference: image -> normalise, pad -> backbone, FPN -> T-Head with its
 probability and box alignment -> per-level aligned scores and boxes in pixels. The sparse part (score threshold,
 per-level top-k, class-wise NMS, max detections) stays in Python, in :func:`postprocess`, which runs
-:meth:`TOOD.inference_single_image` itself. That split gives the PyTorch model's detections exactly, on both
-runtimes: the graph holds only fixed-shape dense ops whose outputs match PyTorch to float round-off, while a
-threshold, a data-dependent top-k and an in-graph NMS (ONNX ``NonMaxSuppression``) would each need a second
-implementation of the post-processing with its own tie-breaking, IoU rounding and class-wise semantics, and a
-trace would freeze ``min(topk, number kept)`` to the example's value.
+:func:`tood.meta_arch.postprocess_detections`, the function the PyTorch model runs. That split gives the PyTorch
+model's detections exactly, on both runtimes: the graph holds only fixed-shape dense ops whose outputs match
+PyTorch to float round-off, while a threshold, a data-dependent top-k and an in-graph NMS (ONNX
+``NonMaxSuppression``) would each need a second implementation of the post-processing with its own tie-breaking,
+IoU rounding and class-wise semantics, and a trace would freeze ``min(topk, number kept)`` to the example's value.
 
 Both formats come from one mechanism, ``torch.jit.trace``: TorchScript is the trace, ONNX is the TorchScript-based
 exporter (``torch.onnx.export(..., dynamo=False)``, opset :data:`ONNX_OPSET`; ``GridSample``, the box alignment,
@@ -18,7 +18,7 @@ Input size: the TorchScript module and a ``dynamic=True`` ONNX model take any H,
 arithmetic of padding, feature sizes and priors); a ``dynamic=False`` ONNX model takes only the example's size.
 
 :func:`export_and_verify` (``tools/export_model.py``) exports a LazyConfig model, then checks the exported model's
-detections against the PyTorch model's (:func:`verify_export`) and times both end to end.
+detections against the PyTorch model's (:func:`verify_export`).
 """
 
 import dataclasses
@@ -39,14 +39,14 @@ from detectron2.structures import Instances
 from torch import Tensor, nn
 
 from .data import DEFAULT_SPLITS, get_shapes_dataset
-from .engine.benchmark import median_times
-from .meta_arch import TOOD
+from .meta_arch import TOOD, postprocess_detections
 
 __all__ = [
     "BOX_TOLERANCE_PX",
     "FORMATS",
     "ONNX_OPSET",
     "SCORE_TOLERANCE",
+    "ExportResult",
     "ExportedTOOD",
     "PostprocessParams",
     "TOODExportWrapper",
@@ -81,7 +81,7 @@ class TOODExportWrapper(nn.Module):
     Outputs (:attr:`output_names`): for each level ``l`` of ``head_in_features`` (p3..p7), ``scores_l``
     (Hl * Wl, K), the aligned probabilities; then for each level ``boxes_l`` (Hl * Wl, 4), the aligned boxes xyxy
     in pixels of the padded image (stride * aligned box). Locations are row-major over (y, x). These are the
-    per-level arguments of :meth:`TOOD.inference_single_image`.
+    per-level arguments of :func:`postprocess_detections`.
     """
 
     def __init__(self, model: TOOD):
@@ -100,7 +100,7 @@ class TOODExportWrapper(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PostprocessParams:
-    """The test-time settings of :class:`TOOD`, the only attributes :meth:`TOOD.inference_single_image` reads."""
+    """The test-time settings of :class:`TOOD`: the keyword arguments of :func:`postprocess_detections`."""
 
     test_score_thresh: float = 0.05
     test_topk_candidates: int = 1000
@@ -133,9 +133,9 @@ def postprocess(
     """
     outputs = [torch.as_tensor(x) for x in outputs]
     num_levels = len(outputs) // 2
-    # inference_single_image reads nothing of the model but the four thresholds: calling it on `params` runs the
-    # model's own post-processing.
-    result = TOOD.inference_single_image(params, outputs[:num_levels], outputs[num_levels:], tuple(image_size))
+    result = postprocess_detections(
+        outputs[:num_levels], outputs[num_levels:], tuple(image_size), **dataclasses.asdict(params)
+    )
     return detector_postprocess(result, *(output_size or image_size))
 
 
@@ -325,6 +325,17 @@ def verify_export(model: TOOD, exported: ExportedTOOD, images: Sequence[Tuple[st
     return ok
 
 
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export_and_verify` made and found."""
+
+    path: str  # the exported model's file
+    ok: bool  # whether the exported model's detections equal the PyTorch model's on every image
+    model: TOOD  # the PyTorch model, in eval mode
+    exported: "ExportedTOOD"
+    images: List[Tuple[str, Tensor]]  # the verification images, (name, (3, H, W) input), the first one traced
+
+
 def export_and_verify(
     cfg,
     fmt: str,
@@ -334,20 +345,13 @@ def export_and_verify(
     num_generated: int = 2,
     dynamic: bool = True,
     num_threads: Optional[int] = None,
-    runs: int = 10,
-) -> Dict:
+) -> ExportResult:
     """Exports the model of the LazyConfig ``cfg`` (:func:`build_model`) traced on the first of its
-    :func:`verification_images`, verifies it on all of them (:func:`verify_export`), and times both models end to
-    end (post-processing included) on the first image: median of ``runs`` alternating calls after 2 warm-up calls
-    (TorchScript optimises its graph in the first runs, ONNX Runtime allocates its buffers), on ``num_threads``
-    CPU threads (default: torch's).
-
-    Returns:
-        ``{"path": model file, "ok": verification passed, "latency_ms": {"pytorch": ..., fmt: ...}}``.
+    :func:`verification_images` and verifies it on all of them (:func:`verify_export`), the exported model running
+    on ``num_threads`` CPU threads (default: torch's).
     """
     if num_threads:
         torch.set_num_threads(num_threads)
-    num_threads = torch.get_num_threads()
     model = build_model(cfg, weights)
     images = verification_images(cfg, model.input_format, image_paths, num_generated)
 
@@ -355,21 +359,10 @@ def export_and_verify(
     path = export_model(model, images[0][1], output_dir, fmt, dynamic=dynamic)
     logger.info(f"Exported {fmt} to {path} in {time.perf_counter() - start:.1f}s")
 
-    exported = ExportedTOOD(output_dir, num_threads=num_threads)
+    exported = ExportedTOOD(output_dir, num_threads=torch.get_num_threads())
     ok = verify_export(model, exported, images)
-
-    image = images[0][1]
-    with torch.no_grad():
-        seconds = median_times({"pytorch": lambda: model([{"image": image}]), fmt: lambda: exported(image)}, runs, 2)
-    latency = {name: 1000 * s for name, s in seconds.items()}
-    runtime = "ONNX Runtime" if fmt == "onnx" else "TorchScript"
-    logger.info(
-        f"Latency, median of {runs} runs, {num_threads} CPU threads, {image.shape[1]}x{image.shape[2]} input, "
-        f"end to end: PyTorch {latency['pytorch']:.1f} ms, {runtime} {latency[fmt]:.1f} ms "
-        f"(speed-up {latency['pytorch'] / latency[fmt]:.2f}x)"
-    )
     if not ok:
         logger.error(
             f"Verification FAILED: boxes must agree within {BOX_TOLERANCE_PX} px, scores within {SCORE_TOLERANCE}"
         )
-    return {"path": path, "ok": ok, "latency_ms": latency}
+    return ExportResult(path, ok, model, exported, images)

@@ -173,33 +173,58 @@ class TOOD(DenseDetector):
     def inference_single_image(
         self, scores: List[Tensor], boxes: List[Tensor], image_size: Tuple[int, int]
     ) -> Instances:
-        """
-        Args:
-            scores: per level ``(Hi * Wi, K)`` probabilities.
-            boxes: per level ``(Hi * Wi, 4)`` xyxy pixels of the padded input.
-            image_size: (h, w) of the image before padding.
+        """:func:`postprocess_detections` with this model's test-time settings."""
+        return postprocess_detections(
+            scores,
+            boxes,
+            image_size,
+            test_score_thresh=self.test_score_thresh,
+            test_topk_candidates=self.test_topk_candidates,
+            test_nms_thresh=self.test_nms_thresh,
+            max_detections_per_image=self.max_detections_per_image,
+        )
 
-        Returns:
-            Instances with ``pred_boxes``, ``scores``, ``pred_classes``, sorted by decreasing score.
-        """
-        all_scores, all_boxes, all_classes = [], [], []
-        for scores_l, boxes_l in zip(scores, boxes):
-            keep = scores_l > self.test_score_thresh
-            kept_scores = scores_l[keep]
-            idxs = torch.nonzero(keep)
-            num_topk = min(self.test_topk_candidates, idxs.size(0))
-            kept_scores, order = kept_scores.sort(descending=True)
-            anchor_idxs, class_idxs = idxs[order[:num_topk]].unbind(dim=1)
-            all_scores.append(kept_scores[:num_topk])
-            all_boxes.append(boxes_l[anchor_idxs])
-            all_classes.append(class_idxs)
-        scores_cat, boxes_cat, classes_cat = torch.cat(all_scores), torch.cat(all_boxes), torch.cat(all_classes)
-        # Boxes of non-positive size cannot be kept (mmdetection drops them before NMS too).
-        valid = (boxes_cat[:, 2] > boxes_cat[:, 0]) & (boxes_cat[:, 3] > boxes_cat[:, 1])
-        scores_cat, boxes_cat, classes_cat = scores_cat[valid], boxes_cat[valid], classes_cat[valid]
-        keep = batched_nms(boxes_cat, scores_cat, classes_cat, self.test_nms_thresh)[: self.max_detections_per_image]
-        result = Instances(image_size)
-        result.pred_boxes = Boxes(boxes_cat[keep])
-        result.scores = scores_cat[keep]
-        result.pred_classes = classes_cat[keep]
-        return result
+
+def postprocess_detections(
+    scores: List[Tensor],
+    boxes: List[Tensor],
+    image_size: Tuple[int, int],
+    *,
+    test_score_thresh: float,
+    test_topk_candidates: int,
+    test_nms_thresh: float,
+    max_detections_per_image: int,
+) -> Instances:
+    """TOOD's detections of one image from its per-level predictions (also what an exported TOOD runs, see
+    :mod:`tood.export`).
+
+    Args:
+        scores: per level ``(Hi * Wi, K)`` probabilities.
+        boxes: per level ``(Hi * Wi, 4)`` xyxy pixels of the padded input.
+        image_size: (h, w) of the image before padding.
+        test_score_thresh, test_topk_candidates, test_nms_thresh, max_detections_per_image: as :class:`TOOD`.
+
+    Returns:
+        Instances with ``pred_boxes``, ``scores``, ``pred_classes``, sorted by decreasing score.
+    """
+    all_scores, all_boxes, all_classes = [], [], []
+    for scores_l, boxes_l in zip(scores, boxes):
+        keep = scores_l > test_score_thresh
+        kept_scores = scores_l[keep]
+        idxs = torch.nonzero(keep)
+        num_topk = min(test_topk_candidates, idxs.size(0))
+        kept_scores, order = kept_scores.sort(descending=True)
+        anchor_idxs, class_idxs = idxs[order[:num_topk]].unbind(dim=1)
+        all_scores.append(kept_scores[:num_topk])
+        all_boxes.append(boxes_l[anchor_idxs])
+        all_classes.append(class_idxs)
+    scores_cat, boxes_cat, classes_cat = torch.cat(all_scores), torch.cat(all_boxes), torch.cat(all_classes)
+    # Boxes of non-positive size cannot be kept (mmdetection drops them before NMS too).
+    valid = (boxes_cat[:, 2] > boxes_cat[:, 0]) & (boxes_cat[:, 3] > boxes_cat[:, 1])
+    scores_cat, boxes_cat, classes_cat = scores_cat[valid], boxes_cat[valid], classes_cat[valid]
+    keep = batched_nms(boxes_cat, scores_cat, classes_cat, test_nms_thresh)[:max_detections_per_image]
+    result = Instances(image_size)
+    result.pred_boxes = Boxes(boxes_cat[keep])
+    result.scores = scores_cat[keep]
+    result.pred_classes = classes_cat[keep]
+    return result

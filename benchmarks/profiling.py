@@ -142,9 +142,9 @@ def profile_models(
     tood_phase: str = "tal",
     test_score_thresh: Optional[float] = None,
 ) -> Iterator[str]:
-    """Yields, for TOOD of ``config_file`` and RetinaNet (:func:`~tood.benchmarks.detectors.build_models`) on CPU,
+    """Yields, for TOOD of ``config_file`` and RetinaNet (:func:`~benchmarks.detectors.build_models`) on CPU,
     a Markdown table of the milliseconds of each part in a training iteration of ``train_batch`` images and a
-    batch-1 inference, on ``size`` (H, W) images (default: the CPU :data:`~tood.benchmarks.detectors.DEFAULTS`)."""
+    batch-1 inference, on ``size`` (H, W) images (default: the CPU :data:`~benchmarks.detectors.DEFAULTS`)."""
     default_size, _, default_train_batch, _ = DEFAULTS["cpu"]
     size, train_batch = size or default_size, train_batch or default_train_batch
     models = build_models(config_file, opts, tood_phase, torch.device("cpu"), test_score_thresh)

@@ -1,4 +1,4 @@
-"""Timing and peak memory of a callable, for the benchmarks (``tood.benchmarks``) and ``tood.export``.
+"""Timing and peak memory of a callable, for the benchmarks and ``tools/export_model.py``.
 
 Time: :func:`median_times` calls several functions in turn (A B A B ...), so that a change of load on a shared
 machine hits them alike, and gives the median of each; on CUDA it synchronises around each call.

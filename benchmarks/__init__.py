@@ -6,7 +6,7 @@
 * :mod:`.assigner`: ``TaskAlignedAssigner`` against a per-image transcription of the reference algorithm.
 * :mod:`.training`: the training speed of variants of one config (precision, memory format, size, batch, overrides).
 
-The timing loop and the peak-memory probes they share are :mod:`tood.engine.benchmark`.
+The timing loop and the peak-memory probes they share are :mod:`.timing`.
 """
 
 

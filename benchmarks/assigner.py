@@ -3,7 +3,7 @@
 :func:`reference_assign` is task-aligned assignment as the paper and mmdetection write it (dense (A, G) matrices,
 one image at a time); :func:`make_inputs` gives the anchors of an 832x1152 image with random GTs and predictions;
 :func:`assigner_table` times both on them, and with ``full`` also measures their extra peak memory (glibc's peak
-of mapped bytes in a fresh process, :func:`tood.engine.benchmark.heap_peak_mb`: the resident set size is only
+of mapped bytes in a fresh process, :func:`benchmarks.timing.heap_peak_mb`: the resident set size is only
 kept to some tens of MB) and checks that both assign every anchor identically. It is a measurement, not a test.
 """
 
@@ -12,9 +12,10 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..assigner import INSIDE_MARGIN, TaskAlignedAssigner, paired_box_iou
-from ..engine.benchmark import heap_peak_mb, median_times
-from ..priors import level_boxes, multi_level_points
+from tood.assigner import INSIDE_MARGIN, TaskAlignedAssigner, paired_box_iou
+from tood.priors import level_boxes, multi_level_points
+
+from .timing import heap_peak_mb, median_times
 
 __all__ = ["assigner_table", "make_inputs", "reference_assign"]
 

@@ -4,8 +4,8 @@ For each model: parameters; FLOPs of the dense network (backbone, FPN, head) as 
 multiply-add is one flop; elementwise ops, post-processing and ops fvcore does not know, such as the DCN configs'
 deform_conv2d, count 0); inference latency and images/s per batch size; time and extra peak memory of a training
 iteration (Detectron2's trainer: forward, backward, SGD step); on each device and precision; with the ratio
-TOOD / RetinaNet. The two models' timed runs alternate (:func:`tood.engine.benchmark.median_times`), so that load
-on the machine hits both alike; peak memory is :func:`tood.engine.benchmark.peak_memory_mb` of one more training
+TOOD / RetinaNet. The two models' timed runs alternate (:func:`benchmarks.timing.median_times`), so that load
+on the machine hits both alike; peak memory is :func:`benchmarks.timing.peak_memory_mb` of one more training
 iteration after the timed ones.
 
 Weights are as initialised (random), images random, every training image has ``num_gts`` random boxes, and TOOD
@@ -25,8 +25,9 @@ from detectron2.utils.events import EventStorage
 from fvcore.nn import FlopCountAnalysis, parameter_count
 from torch import nn
 
-from ..engine.benchmark import median_times, peak_memory_mb
-from ..engine.train_loop import build_trainer
+from tood.engine.train_loop import build_trainer
+
+from .timing import median_times, peak_memory_mb
 
 __all__ = [
     "DEFAULTS",

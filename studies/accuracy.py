@@ -31,8 +31,9 @@ from detectron2.utils.logger import setup_logger
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from .alignment import alignment_report
-from .engine.training import argument_parser, do_train, evaluate_checkpoint, setup
+from tood.engine.training import argument_parser, do_train, evaluate_checkpoint, setup
+
+from .alignment_report import alignment_report
 
 __all__ = [
     "MATCHED_POSTPROCESSING",

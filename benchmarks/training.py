@@ -2,9 +2,9 @@
 image size, batch or config costs or saves per iteration, measured in one process.
 
 Every combination of the axes is a :class:`TrainingVariant`: its own model (the config with the variant's
-overrides, same seed) and batch, trained by the same loop as :class:`~tood.benchmarks.detectors.TrainStep` (fp32,
+overrides, same seed) and batch, trained by the same loop as :class:`~benchmarks.detectors.TrainStep` (fp32,
 or with ``amp`` bfloat16 autocast on CPU and fp16 on CUDA). The variants' timed iterations alternate
-(:func:`tood.engine.benchmark.median_times`), so that a change of load on a shared machine hits them alike; each
+(:func:`benchmarks.timing.median_times`), so that a change of load on a shared machine hits them alike; each
 is reported as the median seconds per iteration, images per second and its ratio to the first variant.
 """
 
@@ -16,8 +16,8 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
 
-from ..engine.benchmark import median_times
 from .detectors import TrainStep, device_description, make_batch
+from .timing import median_times
 
 __all__ = ["TrainingVariant", "training_variants", "training_speed_table"]
 
