@@ -5,8 +5,8 @@ Shared with the TOOD quick start, as the same config nodes: the backbone (half-w
 scratch, 64-channel FPN, P6/P7 from P5), the pixel mean/std of the RGB input, the data (``tood_shapes_train`` /
 ``tood_shapes_val`` at 320 px), batch, optimizer, learning rate, schedule and evaluation. The head has TOOD's
 quick-start widths (4 convs of 64 channels; one tower for classes and one for boxes where the T-Head shares one
-between its tasks: 0.30M head parameters against 0.20M) and FCOS's GroupNorm (32 groups; see
-:func:`tood.layers.group_norm`).
+between its tasks: 0.30M head parameters against 0.20M) and FCOS's GroupNorm (32 groups: ``norm="GN"``, as
+:data:`tood.compat.RETINANET_HEAD_GN` spells it for every Detectron2).
 
 FCOS's own, as Detectron2 sets them: one point per location, positive inside the object's centre region (1.5
 strides) on the level whose range holds its largest regression distance (Detectron2 fixes the ranges' limits at
@@ -23,7 +23,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 
-from tood.layers import group_norm
+from tood.compat import RETINANET_HEAD_GN
 
 from .quickstart_shapes import FPN_CHANNELS, dataloader, lr_multiplier, optimizer, train
 from .quickstart_shapes import model as _tood
@@ -34,7 +34,7 @@ model = L(FCOS)(
         input_shape=[ShapeSpec(channels=FPN_CHANNELS)] * 5,
         num_classes="${..num_classes}",
         conv_dims=[_tood.head.feat_channels] * _tood.head.stacked_convs,
-        norm=group_norm,
+        norm=RETINANET_HEAD_GN,
         prior_prob=0.01,
     ),
     num_classes=_tood.num_classes,

@@ -27,7 +27,7 @@ from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-from tood.layers import group_norm
+from tood.compat import RETINANET_HEAD_GN
 
 from .quickstart_shapes import FPN_CHANNELS, dataloader, lr_multiplier, optimizer, train
 from .quickstart_shapes import model as _tood
@@ -38,7 +38,7 @@ model = L(RetinaNet)(
         input_shape=[ShapeSpec(channels=FPN_CHANNELS)] * 5,
         num_classes="${..num_classes}",
         conv_dims=[_tood.head.feat_channels] * _tood.head.stacked_convs,
-        norm=group_norm,
+        norm=RETINANET_HEAD_GN,
         prior_prob=0.01,
         num_anchors=9,
     ),

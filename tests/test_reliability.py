@@ -647,7 +647,7 @@ def test_a_finished_worker_tears_its_process_group_down():
     # exit to tear down (there, gloo's teardown could race another process's).
     from detectron2.engine.launch import _find_free_port
 
-    from tood.engine.launch import _cpu_worker
+    from tood.compat import _cpu_worker
 
     seen = []
     threads, local_group = torch.get_num_threads(), comm._LOCAL_PROCESS_GROUP

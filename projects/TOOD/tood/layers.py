@@ -239,11 +239,3 @@ class ModulatedDeformConv2d(nn.Module):
             x = self.activation(x)
         return x
 
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups as ``get_norm("GN", c)``, and with ``c`` groups for fewer channels.
-
-    Detectron2 0.6's RetinaNet and FCOS heads probe their norm with one channel, which ``GroupNorm(32, 1)`` refuses
-    on current torch; an importable function (not a lambda) keeps LazyConfig files that use it saveable.
-    """
-    return nn.GroupNorm(min(32, channels), channels)

@@ -5,16 +5,16 @@
   YAML side of ``main``.
 * :mod:`.train_loop`: the inner loops both use (finite-loss check, bfloat16 on CPU, gradient clipping).
 * :mod:`.config_checks`: override keys, dataset names, classes, epoch length.
-* :mod:`.launch`: Detectron2's ``launch``, also for several CPU processes.
+* ``launch``: Detectron2's, from :mod:`tood.compat` (where v0.6 also needs it for several CPU processes).
 * :mod:`.predictor`, :mod:`.visualization`: single-image prediction and drawn detections.
 * :mod:`.hooks`: a progress bar.
 * :mod:`.benchmark`: timing and peak memory of a callable.
 """
 
+from ..compat import launch
 from .config_checks import ConfigKeyError
 from .defaults import Trainer, main_yaml
 from .hooks import ProgressBar
-from .launch import launch
 from .predictor import LazyPredictor, dataset_metadata
 from .train_loop import build_trainer, check_losses_finite
 from .training import argument_parser, do_test, do_train, launch_from_args, main, setup

@@ -14,6 +14,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..checkpoint import check_weights_file
+from ..compat import has_compiled_ops
 from ..data.checks import DatasetNotRegisteredError, check_registered, get_checked_dataset_dicts
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "check_schedule",
     "check_num_classes",
     "check_override_keys",
-    "has_compiled_ops",
     "lazy_target",
     "preflight",
     "set_epoch_length",
@@ -142,13 +142,6 @@ def check_num_classes(cfg, names):
                 f"Dataset '{name}' has {len(classes)} classes but model.num_classes={num_classes}: "
                 f"add model.num_classes={len(classes)} to the command line."
             )
-
-
-def has_compiled_ops() -> bool:
-    """False when detectron2._C is the TOOD placeholder of a pure-Python detectron2 install."""
-    from detectron2 import _C
-
-    return not getattr(_C, "IS_TOOD_PLACEHOLDER", False)
 
 
 def use_available_coco_eval(cfg):

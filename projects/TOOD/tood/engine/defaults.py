@@ -23,9 +23,10 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import TOODCheckpointer, check_weights_file
+from ..compat import has_compiled_ops
 from ..config import add_tood_config
 from ..data.checks import CheckedDatasetMapper, check_registered, get_checked_dataset_dicts
-from .config_checks import ConfigKeyError, has_compiled_ops
+from .config_checks import ConfigKeyError
 from .train_loop import build_trainer
 from .training import register_coco_datasets
 

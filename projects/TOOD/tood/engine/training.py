@@ -33,6 +33,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import TOODCheckpointer, check_weights_file
+from ..compat import launch
 from ..data.checks import register_checked_coco
 from .config_checks import (
     ConfigKeyError,
@@ -46,7 +47,6 @@ from .config_checks import (
     set_epoch_length,
     use_available_coco_eval,
 )
-from .launch import launch
 from .train_loop import add_gradient_clipping, build_trainer, choose_precision, inference_autocast
 
 __all__ = [
