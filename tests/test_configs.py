@@ -15,10 +15,10 @@ from detectron2.utils.events import EventStorage
 from torchvision.ops import deform_conv2d
 
 from tests.conftest import REPO_ROOT
-from tood.backbone_dcn import DeformBottleneckBlock, ModulatedDeformConv
+from tood.backbone_dcn import DeformBottleneckBlock
 from tood.data import register_shapes_dataset
 from tood.engine.config_checks import set_epoch_length
-from tood.layers import deform_conv2d_by_sampling
+from tood.layers import ModulatedDeformConv2d, deform_conv2d_by_sampling
 
 CONFIG_DIR = REPO_ROOT / "configs"
 MODEL_ZOO = [
@@ -101,7 +101,8 @@ def test_config_builds_and_trains_one_step(name):
 def test_backbone_and_head_variants(name, depth, groups, deformable_stages, num_dcn):
     cfg = load(name)
     cfg.model.num_classes = 2
-    model = instantiate(cfg.model)
+    with torch.device("meta"):  # structure only: no memory or initialisation
+        model = instantiate(cfg.model)
     bottom_up = model.backbone.bottom_up
     blocks = [b for stage in ("res2", "res3", "res4", "res5") for b in getattr(bottom_up, stage)]
     assert len(blocks) == {50: 16, 101: 33}[depth]
@@ -209,7 +210,7 @@ def test_deformable_block_at_rest_is_the_plain_bottleneck():
 def test_deformable_offsets_are_dy_dx_per_kernel_tap():
     """An offset of +1 in x on every tap samples the input one pixel to the right (torchvision's/mmcv's layout)."""
     torch.manual_seed(0)
-    conv = ModulatedDeformConv(4, 6, 3, padding=1, bias=True)
+    conv = ModulatedDeformConv2d(4, 6, 3, padding=1, bias=True, offset_conv=False)
     x = torch.randn(1, 4, 9, 11)
     offset = torch.zeros(1, 18, 9, 11)
     offset[:, 1::2] = 1.0

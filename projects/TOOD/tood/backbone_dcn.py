@@ -1,10 +1,10 @@
 """ResNet / ResNeXt stages with modulated deformable convolution (DCNv2) that run on CPU and GPU.
 
-Detectron2 0.6's ``DeformBottleneckBlock`` calls its compiled ``ModulatedDeformConv``, which refuses CPU
+Detectron2's ``DeformBottleneckBlock`` calls its compiled ``ModulatedDeformConv``, which refuses CPU
 inputs and is absent from builds without compiled ops. The block here has the same structure and
 parameter names (``conv2_offset``, ``conv2.weight``, ``conv2.norm``), so checkpoints of Detectron2's DCN
-backbones load into it unchanged, and computes the convolution with
-:func:`tood.layers.modulated_deform_conv2d` (CPU and GPU).
+backbones load into it unchanged, and computes the convolution with :class:`tood.layers.ModulatedDeformConv2d`
+(CPU and GPU).
 """
 
 from typing import Sequence
@@ -15,44 +15,8 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase, Conv2d, get_norm
 from detectron2.modeling.backbone.resnet import BottleneckBlock, ResNet
 from torch import nn
-from torch.nn.modules.utils import _pair
 
-from .layers import modulated_deform_conv2d
-
-
-class ModulatedDeformConv(nn.Module):
-    """DCNv2 convolution ``y = norm(sum_k w_k * x(p + p_k + dp_k) * m_k)``; offsets and masks come from the caller.
-
-    The offset layout is torchvision's (and mmcv's): channel ``2 * (g * K + k)`` is the y offset and
-    ``2 * (g * K + k) + 1`` the x offset of kernel point ``k`` of deformable group ``g``; computed by
-    :func:`tood.layers.modulated_deform_conv2d`. Unlike :class:`tood.layers.ModulatedDeformConv2d` it takes the
-    offsets from the caller, so that the block keeps Detectron2's DCN parameter names (``conv2_offset``).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        norm=None,
-    ):
-        super().__init__()
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *_pair(kernel_size)))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.norm = norm
-        nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
-
-    def forward(self, x, offset, mask):
-        x = modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        return self.norm(x) if self.norm is not None else x
+from .layers import ModulatedDeformConv2d
 
 
 class DeformBottleneckBlock(CNNBlockBase):
@@ -100,7 +64,7 @@ class DeformBottleneckBlock(CNNBlockBase):
             padding=dilation,
             dilation=dilation,
         )
-        self.conv2 = ModulatedDeformConv(
+        self.conv2 = ModulatedDeformConv2d(
             bottleneck_channels,
             bottleneck_channels,
             kernel_size=3,
@@ -110,6 +74,7 @@ class DeformBottleneckBlock(CNNBlockBase):
             groups=num_groups,
             bias=False,
             norm=get_norm(norm, bottleneck_channels),
+            offset_conv=False,
         )
         self.conv3 = Conv2d(
             bottleneck_channels, out_channels, kernel_size=1, bias=False, norm=get_norm(norm, out_channels)

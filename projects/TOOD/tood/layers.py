@@ -181,14 +181,15 @@ def modulated_deform_conv2d(
 
 
 class ModulatedDeformConv2d(nn.Module):
-    """Modulated deformable convolution (DCNv2) with its offset/mask conv, see :func:`modulated_deform_conv2d`.
+    """Modulated deformable convolution (DCNv2), see :func:`modulated_deform_conv2d`, then optional ``norm`` and
+    ``activation`` as ``detectron2.layers.Conv2d``.
 
-    Offsets and modulation mask come from ``conv_offset`` (zero-initialised, so it starts as a conv whose taps are
-    halved by mask = sigmoid(0)). Its parameters have mmcv's ``ModulatedDeformConv2dPack`` layout: ``weight``
-    (C_out, C_in, k, k), optional ``bias``, ``conv_offset`` with ``3 * G * k * k`` outputs whose first ``2 * G * k * k``
-    channels are the offsets (per deform group, (dy, dx) per kernel tap, the layout of both mmcv's and
-    torchvision's kernels) and whose last ``G * k * k`` are the mask logits. Like ``detectron2.layers.Conv2d`` it
-    applies optional ``norm`` then ``activation``.
+    Its parameters have mmcv's layout: ``weight`` (C_out, C_in / groups, k, k) and optional ``bias``. Offsets and
+    modulation mask come either from its own ``conv_offset`` (``offset_conv=True``, mmcv's
+    ``ModulatedDeformConv2dPack``: ``3 * G * k * k`` outputs, the first ``2 * G * k * k`` the offsets (per deform
+    group G, (dy, dx) per kernel tap, the layout of mmcv's and torchvision's kernels), the last ``G * k * k`` the mask
+    logits; zero-initialised, so it starts as a conv whose taps are halved by mask = sigmoid(0)), or from the caller
+    (``offset_conv=False``: Detectron2's DCN blocks keep their offset conv beside it, as ``conv2_offset``).
     """
 
     def __init__(
@@ -199,43 +200,54 @@ class ModulatedDeformConv2d(nn.Module):
         stride: int = 1,
         padding: int = 1,
         dilation: int = 1,
+        groups: int = 1,
         deform_groups: int = 1,
         bias: bool = False,
         norm: Optional[nn.Module] = None,
         activation: Optional[Callable[[Tensor], Tensor]] = None,
+        offset_conv: bool = True,
     ):
         super().__init__()
         kh, kw = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.deform_groups = deform_groups
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.conv_offset = nn.Conv2d(
-            in_channels,
-            3 * deform_groups * kh * kw,
-            (kh, kw),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-        )
+        if offset_conv:
+            self.conv_offset = nn.Conv2d(
+                in_channels,
+                3 * deform_groups * kh * kw,
+                (kh, kw),
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+            )
+            nn.init.zeros_(self.conv_offset.weight)
+            nn.init.zeros_(self.conv_offset.bias)
+        else:
+            self.conv_offset = None
         self.norm = norm
         self.activation = activation
-        # mmcv's default init, uniform(+-1/sqrt(fan_in)); TOODHead re-initialises it anyway.
+        # mmcv's default init, uniform(+-1/sqrt(fan_in)); TOODHead and the DCN blocks re-initialise it anyway.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(N, C_in, H, W) -> (N, C_out, H', W')."""
-        out = self.conv_offset(x)
-        num_taps = self.deform_groups * self.weight.shape[2] * self.weight.shape[3]
-        offset, mask = out.split([2 * num_taps, num_taps], dim=1)
-        x = modulated_deform_conv2d(
-            x, offset, mask.sigmoid(), self.weight, self.bias, self.stride, self.padding, self.dilation
-        )
+    def forward(self, x: Tensor, offset: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """
+        Args:
+            x: (N, C_in, H, W).
+            offset, mask: (N, 2 * G * k * k, H', W') and (N, G * k * k, H', W') in [0, 1]; only without
+                ``conv_offset``.
+
+        Returns:
+            (N, C_out, H', W').
+        """
+        if self.conv_offset is not None:
+            out = self.conv_offset(x)
+            num_taps = out.shape[1] // 3
+            offset, mask = out.split([2 * num_taps, num_taps], dim=1)
+            mask = mask.sigmoid()
+        x = modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if self.norm is not None:
             x = self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
-
