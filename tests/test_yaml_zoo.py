@@ -5,7 +5,6 @@ through Detectron2's DefaultTrainer flow. tests/test_yacs_config.py compares the
 import json
 from collections.abc import Sequence
 
-import detectron2.data.transforms as T
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -17,11 +16,12 @@ from tests.conftest import REPO_ROOT, register_coco_args, tiny_yaml_overrides
 from tests.test_configs import MODEL_ZOO
 from tests.test_yacs_config import assert_same_instances, random_inputs, yaml_cfg
 from tood.backbone import FrozenStatsBatchNorm2d
-from tood.data.checks import CheckedDatasetMapper, DatasetNotRegisteredError
+from tood.data.checks import DatasetNotRegisteredError
 from tood.engine import ConfigKeyError, Trainer, argument_parser, main
 from tood.engine.defaults import is_yacs_config, setup_yaml
 from tood.engine.training import load_config
 from tood.meta_arch import TOOD
+from tood.transforms import ResizeKeepRatioCV2
 
 CONFIG_DIR = REPO_ROOT / "configs"
 YAML_1X = "COCO-Detection/tood_R_50_FPN_1x.yaml"
@@ -106,10 +106,9 @@ def test_dcn_twins_compute_the_same():
 def _augmentation(aug):
     """An augmentation's type and settings; a resize's short edges as the set it draws from."""
     found = dict(vars(aug))
-    if isinstance(aug, T.ResizeShortestEdge):
-        edges, is_range = found.pop("short_edge_length"), found.pop("is_range")
-        del found["sample_style"]
-        found["short_edges"] = set(range(edges[0], edges[1] + 1)) if is_range else set(edges)
+    if isinstance(aug, ResizeKeepRatioCV2):
+        edges, style = found.pop("short_edge_length"), found.pop("sample_style")
+        found["short_edges"] = set(range(edges[0], edges[1] + 1)) if style == "range" else set(edges)
     return type(aug), found
 
 
@@ -144,7 +143,7 @@ def test_yaml_has_the_lazyconfig_schedule_data_and_solver(yaml_name, lazy_name):
 
     # Input sizes (single or multi-scale training), flips, channel order.
     for is_train, lazy_mapper in ((True, lazy.dataloader.train.mapper), (False, lazy.dataloader.test.mapper)):
-        mappers = [CheckedDatasetMapper(cfg, is_train), instantiate(lazy_mapper)]
+        mappers = [Trainer.build_mapper(cfg, is_train), instantiate(lazy_mapper)]
         augmentations = [[_augmentation(a) for a in m.augmentations.augs] for m in mappers]
         assert augmentations[0] == augmentations[1], is_train
         assert mappers[0].image_format == mappers[1].image_format == "RGB"

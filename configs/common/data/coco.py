@@ -1,8 +1,10 @@
 """COCO 2017 detection data as the reference trains and tests TOOD (mmdetection's coco_detection pipeline).
 
-RGB input; resize keeping the aspect ratio to fit 1333x800 (the model pads to a multiple of 32); horizontal
-flip with probability 0.5 in training. ``dataloader_multiscale`` is the 2x schedules' training pipeline:
-shorter side drawn uniformly in [480, 800], longer side at most 1333.
+RGB input; resize keeping the aspect ratio to fit 1333x800 (the model pads to a multiple of 32) with the
+reference's OpenCV resize (``tood.transforms.ResizeKeepRatioCV2``: mmdetection's input pixels bit for bit, where
+Detectron2's ``ResizeShortestEdge`` rounds some values one level apart); horizontal flip with probability 0.5 in
+training. ``dataloader_multiscale`` is the 2x schedules' training pipeline: shorter side drawn uniformly in
+[480, 800], longer side at most 1333.
 
 Training data goes through TOOD's checks (tood/data/checks.py): malformed annotations are errors naming the file
 and annotation; boxes of zero size or outside their image are dropped, partly outside clipped; images without
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 
 from tood.data.checks import CheckedDatasetMapper, get_checked_dataset_dicts
 from tood.data.loader import build_train_loader
+from tood.transforms import ResizeKeepRatioCV2
 
 dataloader = OmegaConf.create()
 
@@ -30,7 +33,7 @@ dataloader.train = L(build_train_loader)(
         is_train=True,
         on_bad_image="skip",
         augmentations=[
-            L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333, sample_style="choice"),
+            L(ResizeKeepRatioCV2)(short_edge_length=800, max_size=1333, sample_style="choice"),
             L(T.RandomFlip)(horizontal=True, prob=0.5),
         ],
         image_format="RGB",
@@ -44,7 +47,7 @@ dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
     mapper=L(CheckedDatasetMapper)(
         is_train=False,
-        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
+        augmentations=[L(ResizeKeepRatioCV2)(short_edge_length=800, max_size=1333)],
         image_format="${...train.mapper.image_format}",
     ),
     num_workers=4,
@@ -57,6 +60,6 @@ dataloader.evaluator = L(COCOEvaluator)(
 )
 
 dataloader_multiscale = copy.deepcopy(dataloader)
-dataloader_multiscale.train.mapper.augmentations[0] = L(T.ResizeShortestEdge)(
+dataloader_multiscale.train.mapper.augmentations[0] = L(ResizeKeepRatioCV2)(
     short_edge_length=(480, 800), max_size=1333, sample_style="range"
 )

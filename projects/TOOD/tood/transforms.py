@@ -3,16 +3,17 @@
 Detectron2's ``ResizeShortestEdge`` resizes uint8 images with PIL's bilinear filter; mmdetection (``Resize`` with
 ``keep_ratio=True``) uses OpenCV's ``INTER_LINEAR``. Both interpolate bilinearly between the same pixel centres but
 round differently: on scikit-image's astronaut photo (512x512 -> 800x800) 19% of the resized values differ, each by
-one intensity level. :class:`ResizeKeepRatioCV2` reproduces mmdetection's resized image bit for bit.
+one intensity level. :class:`ResizeKeepRatioCV2` reproduces mmdetection's resized image bit for bit; TOOD's COCO
+data configs (``configs/common/data/coco.py``) and its YAML configs (:func:`with_reference_resize`) resize with it.
 """
 
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import cv2
 import numpy as np
-from detectron2.data.transforms import Augmentation, Transform
+from detectron2.data.transforms import Augmentation, ResizeShortestEdge, Transform
 
-__all__ = ["CV2ResizeTransform", "ResizeKeepRatioCV2", "keep_ratio_size"]
+__all__ = ["CV2ResizeTransform", "ResizeKeepRatioCV2", "with_reference_resize", "keep_ratio_size"]
 
 
 def keep_ratio_size(h: int, w: int, short_edge: int, max_size: int) -> Tuple[int, int]:
@@ -87,3 +88,15 @@ class ResizeKeepRatioCV2(Augmentation):
         else:
             size = np.random.choice(self.short_edge_length)
         return CV2ResizeTransform(h, w, *keep_ratio_size(h, w, int(size), self.max_size))
+
+
+def with_reference_resize(augmentations: List[Augmentation]) -> List[Augmentation]:
+    """``augmentations`` with each ``ResizeShortestEdge`` replaced by the :class:`ResizeKeepRatioCV2` of the same
+    sizes: a mapper built from a YAML config (``DatasetMapper.from_config``) then resizes as the LazyConfig data
+    configs do."""
+    return [
+        ResizeKeepRatioCV2(aug.short_edge_length, aug.max_size, "range" if aug.is_range else "choice")
+        if isinstance(aug, ResizeShortestEdge)
+        else aug
+        for aug in augmentations
+    ]

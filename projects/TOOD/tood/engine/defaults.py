@@ -26,6 +26,7 @@ from ..checkpoint import TOODCheckpointer, check_weights_file
 from ..compat import has_compiled_ops
 from ..config import add_tood_config
 from ..data.checks import CheckedDatasetMapper, check_registered, get_checked_dataset_dicts
+from ..transforms import with_reference_resize
 from .config_checks import ConfigKeyError
 from .train_loop import build_trainer
 from .training import register_coco_datasets
@@ -93,14 +94,21 @@ class Trainer(DefaultTrainer):
             check_weights_file(self.cfg.MODEL.WEIGHTS, training=True, key="MODEL.WEIGHTS")
         super().resume_or_load(resume=resume)
 
+    @staticmethod
+    def build_mapper(cfg, is_train: bool) -> CheckedDatasetMapper:
+        """The config's mapper, resizing as the reference (and the LazyConfig data configs) do."""
+        kwargs = CheckedDatasetMapper.from_config(cfg, is_train)
+        kwargs["augmentations"] = with_reference_resize(kwargs["augmentations"])
+        return CheckedDatasetMapper(**kwargs)
+
     @classmethod
     def build_train_loader(cls, cfg):
         dataset = get_checked_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-        return build_detection_train_loader(cfg, dataset=dataset, mapper=CheckedDatasetMapper(cfg, True))
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=cls.build_mapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=cls.build_mapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
