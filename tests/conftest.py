@@ -1,4 +1,5 @@
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def train_oracle():
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory):
     """The folder (annotations.json, images/) of a generated dataset of 8 images of 128 px, 6 classes."""
-    from tood.data import get_shapes_dataset  # here: tests/test_env.py checks the environment without tood
+    from tood.data import get_shapes_dataset  # here: tests/tools/test_env.py checks the environment without tood
 
     return get_shapes_dataset(num_images=8, seed=0, image_size=128, root=tmp_path_factory.mktemp("tiny_shapes"))
 
@@ -62,6 +63,27 @@ def register_coco_args(folder, *names):
     for name in names:
         args += ["--register-coco", name, str(folder / "annotations.json"), str(folder / "images")]
     return args
+
+
+def write_tiny_lazy_config(path, train_dataset, test_dataset=None, extra=""):
+    """Writes to ``path`` a LazyConfig of the quick-start model on ``train_dataset`` (and ``test_dataset``) at 128 px,
+    2 images per batch, without flips (so that every run sees the same pixels), then the ``extra`` lines."""
+    lines = [
+        "from detectron2.config import LazyConfig",
+        f"_base = LazyConfig.load({str(REPO_ROOT / 'configs' / 'quickstart_shapes.py')!r})",
+        "model, optimizer, lr_multiplier, dataloader, train = (",
+        "    _base.model, _base.optimizer, _base.lr_multiplier, _base.dataloader, _base.train",
+        ")",
+        f"dataloader.train.dataset.names = {train_dataset!r}",
+        *([f"dataloader.test.dataset.names = {test_dataset!r}"] if test_dataset else []),
+        "for _augs in (dataloader.train.mapper.augmentations, dataloader.test.mapper.augmentations):",
+        "    _augs[0].short_edge_length = 128",
+        "    _augs[0].max_size = 128",
+        "dataloader.train.mapper.augmentations[1].prob = 0.0",
+        "dataloader.train.total_batch_size = 2",
+    ]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return str(path)
 
 
 def tiny_yaml_overrides(dataset, output_dir, **overrides):
@@ -97,6 +119,40 @@ def tiny_yaml_overrides(dataset, output_dir, **overrides):
         **overrides,
     }
     return [str(x) for kv in opts.items() for x in kv]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the tiny models gain nothing from a second, and threads that outnumber the free cores
+    (another job running) slow torch's CPU ops down manyfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tood_log(caplog):
+    """caplog that also sees the "tood" and fvcore loggers (Detectron2's setup_logger stops their propagation)."""
+    loggers = [logging.getLogger(name) for name in ("tood", "fvcore")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)
+
+
+def reregister_coco(name, json_file, image_root):
+    """``register_checked_coco`` under ``name``, replacing an earlier registration of that name."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from tood.data.checks import register_checked_coco
+
+    if name in DatasetCatalog:
+        DatasetCatalog.remove(name)
+    MetadataCatalog.pop(name, None)
+    register_checked_coco(name, str(json_file), str(image_root))
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 from detectron2.config import LazyConfig, instantiate
 from omegaconf import OmegaConf
 
@@ -33,16 +32,6 @@ TINY = [
     # A few iterations leave every score under the models' thresholds: keep all candidates, so that AP is a number.
     "model.test_score_thresh=0.0",
 ]
-
-
-@pytest.fixture
-def one_thread():
-    # The tiny models gain nothing from a second thread, and threads that outnumber the free cores (another job
-    # running) slow torch's CPU ops down manyfold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tree(node):

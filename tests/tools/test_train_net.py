@@ -16,27 +16,14 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from tests.conftest import REPO_ROOT, register_coco_args
+from tests.conftest import REPO_ROOT, register_coco_args, write_tiny_lazy_config
 from tood.data import get_shapes_dataset
 from tood.engine.config_checks import check_num_classes
 from tood.engine.train_loop import CPUAMPTrainer, add_gradient_clipping, build_trainer
 from tood.engine.training import register_coco_datasets
 
-# The quick-start model at 128 px, 8 images, no flips (so that one and two processes see the same pixels).
+# On the quick-start model at 128 px (no flips: one and two processes see the same pixels).
 TINY_CONFIG = """
-from detectron2.config import LazyConfig
-
-_base = LazyConfig.load({base!r})
-model, optimizer, lr_multiplier, dataloader, train = (
-    _base.model, _base.optimizer, _base.lr_multiplier, _base.dataloader, _base.train
-)
-dataloader.train.dataset.names = "tiny_train"
-dataloader.test.dataset.names = "tiny_val"
-for _augs in (dataloader.train.mapper.augmentations, dataloader.test.mapper.augmentations):
-    _augs[0].short_edge_length = 128
-    _augs[0].max_size = 128
-dataloader.train.mapper.augmentations[1].prob = 0.0
-dataloader.train.total_batch_size = 2
 # A few iterations leave every score under the usual 0.05: keep all candidates, so that AP is a number.
 model.test_score_thresh = 0.0
 train.max_iter = 6
@@ -50,9 +37,9 @@ train.amp.enabled = False
 @pytest.fixture(scope="module")
 def tiny(tiny_shapes, tmp_path_factory):
     """(config file, --register-coco arguments) of the tiny setup."""
-    config = tmp_path_factory.mktemp("tiny") / "tiny_config.py"
-    config.write_text(TINY_CONFIG.format(base=str(REPO_ROOT / "configs" / "quickstart_shapes.py")))
-    return str(config), register_coco_args(tiny_shapes, "tiny_train", "tiny_val")
+    path = tmp_path_factory.mktemp("tiny") / "tiny_config.py"
+    config = write_tiny_lazy_config(path, "tiny_train", "tiny_val", TINY_CONFIG)
+    return config, register_coco_args(tiny_shapes, "tiny_train", "tiny_val")
 
 
 def run_train_net(tiny, *args):

@@ -1,6 +1,7 @@
 """The YAML model zoo (configs/COCO-Detection/): each file is the twin of a LazyConfig of configs/ (same modules,
 tensors, settings, outputs, schedule, input sizes and solver), and tools/train_net.py trains and evaluates with it
-through Detectron2's DefaultTrainer flow. tests/test_yacs_config.py compares the R-50 twins' outputs and losses."""
+through Detectron2's DefaultTrainer flow. tests/configs/test_yacs_config.py compares the R-50 twins' outputs and
+losses."""
 
 import json
 from collections.abc import Sequence
@@ -12,9 +13,9 @@ from detectron2.modeling import build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
 from torch import nn
 
+from tests.configs.test_lazy_zoo import MODEL_ZOO
+from tests.configs.test_yacs_config import assert_same_instances, random_inputs, yaml_cfg
 from tests.conftest import REPO_ROOT, register_coco_args, tiny_yaml_overrides
-from tests.test_configs import MODEL_ZOO
-from tests.test_yacs_config import assert_same_instances, random_inputs, yaml_cfg
 from tood.backbone import FrozenStatsBatchNorm2d
 from tood.data.checks import DatasetNotRegisteredError
 from tood.engine import ConfigKeyError, Trainer, argument_parser, main
@@ -225,8 +226,8 @@ def test_train_net_trains_and_evaluates_a_yaml_config(tiny_shapes, tmp_path):
 @pytest.mark.parametrize("config", [*TWINS, *TWINS.values()])
 def test_train_net_takes_every_zoo_config(config, tiny_shapes, tmp_path):
     """tools/train_net.py's set-up of each zoo config, YAML and LazyConfig, on a registered dataset: overrides,
-    checks and schedule pass (each config builds and trains a step in tests/test_configs.py; the YAML twins build the
-    same model above)."""
+    checks and schedule pass (each config builds and trains a step in tests/configs/test_lazy_zoo.py; the YAML twins
+    build the same model above)."""
     register = register_coco_args(tiny_shapes, "zoo_tiny")
     if is_yacs_config(str(CONFIG_DIR / config)):
         opts = ["DATASETS.TRAIN", "('zoo_tiny',)", "DATASETS.TEST", "('zoo_tiny',)", "MODEL.WEIGHTS", ""]

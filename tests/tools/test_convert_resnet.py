@@ -18,7 +18,7 @@ from detectron2.config import LazyConfig, instantiate
 from torch import nn
 
 from tests.conftest import REPO_ROOT
-from tests.test_conversion import open_mmlab_resnext_shapes
+from tests.conversion.test_conversion import open_mmlab_resnext_shapes
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 from convert_torchvision_resnet import main  # noqa: E402

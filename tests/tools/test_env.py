@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV_TOOLS = REPO_ROOT / "tools" / "env"
 PLACEHOLDER_FILE = ENV_TOOLS / "detectron2_c_placeholder.py"
 HELPER_FILE = ENV_TOOLS / "interpreter_site.py"

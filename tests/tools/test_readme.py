@@ -45,81 +45,81 @@ from tood.mmdet_names import MMDET_TOOD_NAME_MAP
 
 README = (REPO_ROOT / "README.md").read_text()
 PYTHON = ".venv/bin/python"
-HERE = "tests/test_readme.py::"
+HERE = "tests/tools/test_readme.py::"
 
 # Command form (see `form`) -> the tests that run it. Tests of this file run the README command itself.
 COVERAGE = {
     "make quickstart": [
         HERE + "test_make_targets",
-        "tests/test_quickstart.py::test_quickstart_trains_evaluates_draws_and_reports",
+        "tests/tools/test_quickstart.py::test_quickstart_trains_evaluates_draws_and_reports",
     ],
-    "make test": [HERE + "test_make_targets", "tests/test_env.py::test_venv_sees_the_packages_its_mode_promises"],
+    "make test": [HERE + "test_make_targets", "tests/tools/test_env.py::test_venv_sees_the_packages_its_mode_promises"],
     "make test-fast": [HERE + "test_make_targets"],
     "make test PYTHON=": [
         HERE + "test_make_targets",
-        "tests/test_env.py::test_the_interpreter_check_agrees_with_the_mode",
-        "tests/test_env.py::test_interpreter_constraints_keep_the_interpreters_versions",
+        "tests/tools/test_env.py::test_the_interpreter_check_agrees_with_the_mode",
+        "tests/tools/test_env.py::test_interpreter_constraints_keep_the_interpreters_versions",
     ],
     "tools/convert_mmdet_to_d2.py --config --input --output": [
         HERE + "test_convert_a_published_checkpoint",
-        "tests/test_conversion.py::test_reference_checkpoint_converts_and_loads_strictly",
+        "tests/conversion/test_conversion.py::test_reference_checkpoint_converts_and_loads_strictly",
     ],
     "tools/train_net.py [.py] --config-file --eval-only : train.init_checkpoint": [
-        "tests/test_train_net.py::test_train_checkpoint_evaluate_resume_and_eval_only",
-        "tests/test_schedule.py::test_missing_coco_and_weights_are_named_together",
+        "tests/tools/test_train_net.py::test_train_checkpoint_evaluate_resume_and_eval_only",
+        "tests/engine/test_schedule.py::test_missing_coco_and_weights_are_named_together",
     ],
     "tools/convert_torchvision_resnet.py": [
         HERE + "test_imagenet_initialisation",
-        "tests/test_convert_resnet.py::test_converted_backbone_computes_torchvision_features",
-        "tests/test_convert_resnet.py::test_open_mmlab_resnext_checkpoint_initialises_the_x101_config",
+        "tests/tools/test_convert_resnet.py::test_converted_backbone_computes_torchvision_features",
+        "tests/tools/test_convert_resnet.py::test_open_mmlab_resnext_checkpoint_initialises_the_x101_config",
     ],
     "tools/train_net.py [.py] --config-file --num-gpus : train.output_dir": [
-        "tests/test_train_net.py::test_two_cpu_processes_reproduce_one",
-        "tests/test_schedule.py::test_the_headline_command_without_coco_ends_with_reasons_not_a_traceback",
+        "tests/tools/test_train_net.py::test_two_cpu_processes_reproduce_one",
+        "tests/engine/test_schedule.py::test_the_headline_command_without_coco_ends_with_reasons_not_a_traceback",
     ],
     "tools/train_net.py [.py] --config-file --num-gpus : dataloader.train.total_batch_size train.output_dir "
     "train.reference_batch_size": [
         HERE + "test_fewer_gpus_scale_batch_and_learning_rate",
-        "tests/test_schedule.py::test_reference_batch_size_scales_the_learning_rate",
-        "tests/test_train_net.py::test_two_cpu_processes_reproduce_one",
+        "tests/engine/test_schedule.py::test_reference_batch_size_scales_the_learning_rate",
+        "tests/tools/test_train_net.py::test_two_cpu_processes_reproduce_one",
     ],
     "tools/train_net.py [.py] --config-file --num-gpus --resume : train.output_dir": [
-        "tests/test_train_net.py::test_train_checkpoint_evaluate_resume_and_eval_only",
-        "tests/test_reliability.py::test_resumed_run_continues_like_the_uninterrupted_one",
+        "tests/tools/test_train_net.py::test_train_checkpoint_evaluate_resume_and_eval_only",
+        "tests/engine/test_reliability.py::test_resumed_run_continues_like_the_uninterrupted_one",
     ],
     "tools/train_net.py [.yaml] --config-file --num-gpus : OUTPUT_DIR SOLVER.REFERENCE_WORLD_SIZE": [
         HERE + "test_fewer_gpus_scale_batch_and_learning_rate",
-        "tests/test_yaml_zoo.py::test_reference_world_size_scales_the_tal_start_with_the_schedule",
+        "tests/configs/test_yaml_zoo.py::test_reference_world_size_scales_the_tal_start_with_the_schedule",
     ],
     "tools/train_net.py [.yaml] --config-file --eval-only : MODEL.WEIGHTS": [
-        "tests/test_yaml_zoo.py::test_train_net_trains_and_evaluates_a_yaml_config",
+        "tests/configs/test_yaml_zoo.py::test_train_net_trains_and_evaluates_a_yaml_config",
     ],
     "tools/train_net.py [.py] --config-file --register-coco : dataloader.test.dataset.names "
     "dataloader.train.dataset.names model.num_classes train.output_dir": [
         HERE + "test_train_on_your_own_dataset",
-        "tests/test_schedule.py::test_max_iter_2_on_the_zoo_config_trains_and_writes_its_checkpoint",
+        "tests/engine/test_schedule.py::test_max_iter_2_on_the_zoo_config_trains_and_writes_its_checkpoint",
     ],
     "tools/train_net.py [.py] --config-file --register-coco : dataloader.test.dataset.names "
     "dataloader.train.dataset.names model.num_classes train.init_checkpoint train.output_dir": [
         HERE + "test_fine_tune_from_the_converted_coco_model",
-        "tests/test_reliability.py::test_checkpoint_of_other_classes_or_architecture_is_explained",
+        "tests/engine/test_reliability.py::test_checkpoint_of_other_classes_or_architecture_is_explained",
     ],
     "tools/demo.py [.py] --confidence-threshold --config-file --input --opts --output : train.init_checkpoint": [
         HERE + "test_demo",
-        "tests/test_demo.py::test_images_folder_and_glob",
+        "tests/tools/test_demo.py::test_images_folder_and_glob",
     ],
     "tools/demo.py [.py] --config-file --input --opts --output --register-coco : dataloader.test.dataset.names "
     "model.num_classes train.init_checkpoint": [
         HERE + "test_demo",
-        "tests/test_demo.py::test_class_names_of_a_registered_coco_dataset",
+        "tests/tools/test_demo.py::test_class_names_of_a_registered_coco_dataset",
     ],
     "tools/export_model.py [.py] --config-file --format --output --weights": [
-        "tests/test_export.py::test_export_and_verify[onnx]",
-        "tests/test_export.py::test_r50_anchor_free_matches_pytorch[onnx]",
+        "tests/conversion/test_export.py::test_export_and_verify[onnx]",
+        "tests/conversion/test_export.py::test_r50_anchor_free_matches_pytorch[onnx]",
     ],
     "tools/export_model.py [.py] --config-file --format --output --sample-image --weights": [
-        "tests/test_export.py::test_export_and_verify[torchscript]",
-        "tests/test_export.py::test_r50_anchor_free_matches_pytorch[ts]",
+        "tests/conversion/test_export.py::test_export_and_verify[torchscript]",
+        "tests/conversion/test_export.py::test_r50_anchor_free_matches_pytorch[ts]",
     ],
 }
 
@@ -416,7 +416,7 @@ def test_imagenet_initialisation(scratch, imagenet):
 def test_train_on_your_own_dataset(scratch, imagenet):
     """The own-dataset command from the ImageNet backbone passes the checks a run starts with, in a folder laid out
     as README says: the datasets register, the epoch length is counted from the annotation file, and a short run is
-    told which parts of the schedule it does not reach. (tests/test_schedule.py trains this form.)"""
+    told which parts of the schedule it does not reach. (tests/engine/test_schedule.py trains this form.)"""
     own = next(f for f in COVERAGE if "--register-coco" in f and "train.init_checkpoint" not in f)
     [tokens] = readme_commands(own)
     with contextlib.chdir(scratch):

@@ -1,6 +1,6 @@
 """TOOD from Detectron2's yacs config: ``add_tood_config``, the YAML files, ``build_model`` and ``DefaultPredictor``.
 
-That each YAML file builds the network of its LazyConfig twin is tested in tests/test_yaml_zoo.py."""
+That each YAML file builds the network of its LazyConfig twin is tested in tests/configs/test_yaml_zoo.py."""
 
 import numpy as np
 import pytest

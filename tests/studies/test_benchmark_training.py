@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from benchmarks import training
-from tests.conftest import REPO_ROOT
-from tests.test_benchmark import NUMBER, table_rows
+from tests.conftest import REPO_ROOT, load_tool
+from tests.studies.test_benchmark import NUMBER, table_rows
 
 TOOL = REPO_ROOT / "tools" / "benchmark_training.py"
 TINY = ["--threads", "1", "--sizes", "64x96", "--iters", "1", "--warmup", "0", "--gts", "2"]
 
 
-def run_tool(*args, check=True):
+def run_tool(*args):
     return subprocess.run(
-        [sys.executable, str(TOOL), *args], check=check, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600
+        [sys.executable, str(TOOL), *args], check=True, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600
     )
 
 
@@ -54,10 +54,15 @@ def test_one_row_per_combination_first_is_the_baseline():
     assert "CPU (1 threads), median of 1 alternating rounds after 0 warm-up" in out
 
 
-def test_a_malformed_variant_is_refused_with_the_expected_form():
-    out = run_tool("--variant", "model.head.stacked_convs=1", check=False)
-    assert out.returncode == 2
-    assert 'expected "NAME: key=value ..."' in out.stderr
+def test_a_malformed_variant_is_refused_with_the_expected_form(capsys):
+    parser = load_tool("benchmark_training").argument_parser()
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--variant", "model.head.stacked_convs=1"])
+    assert exit_info.value.code == 2
+    assert 'expected "NAME: key=value ..."' in capsys.readouterr().err
+    assert parser.parse_args(["--variant", "narrow: model.head.stacked_convs=1"]).variant == [
+        ("narrow", ["model.head.stacked_convs=1"])
+    ]
 
 
 def test_variants_reach_the_model_they_time():
