@@ -36,6 +36,7 @@ the fix, and a stand-in where it does not, so that the rest of TOOD is written a
     placeholder; a Detectron2 built from source, main's included, has its compiled ops.
 """
 
+import gc
 import os
 import random
 
@@ -71,10 +72,14 @@ def _cpu_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_gpus_per_machine))
     comm.synchronize()
     main_func(*args)
-    # Tear the process group down once every process is done with its collectives: left to interpreter exit, gloo's
-    # teardown can race the other process's (a finished two-process test run once ended in SIGABRT).
+    # Tear the process groups down once every process is done with its collectives, while the interpreter is whole: a
+    # gloo group still referenced at interpreter exit (detectron2 keeps the local one, and caches its gloo group) is
+    # destroyed during finalisation, where its threads' clean-up can abort the process (SIGABRT, 2 runs in 40 here).
     comm.synchronize()
+    comm._LOCAL_PROCESS_GROUP = None
+    comm._get_global_gloo_group.cache_clear()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def _launch_without_cuda(
