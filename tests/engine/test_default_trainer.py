@@ -8,16 +8,15 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 
-from tests.conftest import REPO_ROOT, tiny_yaml_overrides
+from tests.conftest import REPO_ROOT, reregister_coco, tiny_yaml_overrides
 from tood import add_tood_config
-from tood.data import register_shapes_dataset
 from tood.engine import Trainer
 from tood.engine.train_loop import CheckedSimpleTrainer
 
 
-def tiny_cfg(tmp_path, **overrides):
+def tiny_cfg(tiny_shapes, tmp_path, **overrides):
     """configs/COCO-Detection/tood_R_50_FPN_1x.yaml shrunk: R-18 with trainable BN, 64 channels, 128 px images."""
-    register_shapes_dataset("yaml_tiny", num_images=8, seed=0, image_size=128, root=tmp_path / "data")
+    reregister_coco("yaml_tiny", tiny_shapes / "annotations.json", tiny_shapes / "images")
     cfg = get_cfg()
     add_tood_config(cfg)
     cfg.merge_from_file(str(REPO_ROOT / "configs" / "COCO-Detection" / "tood_R_50_FPN_1x.yaml"))
@@ -26,8 +25,8 @@ def tiny_cfg(tmp_path, **overrides):
 
 
 @pytest.mark.slow
-def test_trainer_trains_checkpoints_evaluates_and_resumes(tmp_path):
-    cfg = tiny_cfg(tmp_path)
+def test_trainer_trains_checkpoints_evaluates_and_resumes(tiny_shapes, tmp_path):
+    cfg = tiny_cfg(tiny_shapes, tmp_path)
     trainer = Trainer(cfg)
     assert isinstance(trainer._trainer, CheckedSimpleTrainer)  # the finite-loss check of the LazyConfig path
     trainer.resume_or_load(resume=False)
@@ -48,15 +47,15 @@ def test_trainer_trains_checkpoints_evaluates_and_resumes(tmp_path):
     assert resumed.scheduler.last_epoch == trainer.scheduler.last_epoch
 
 
-def test_missing_weights_name_the_file_and_the_ways_forward(tmp_path):
-    cfg = tiny_cfg(tmp_path, **{"MODEL.WEIGHTS": str(tmp_path / "nowhere.pkl")})
+def test_missing_weights_name_the_file_and_the_ways_forward(tiny_shapes, tmp_path):
+    cfg = tiny_cfg(tiny_shapes, tmp_path, **{"MODEL.WEIGHTS": str(tmp_path / "nowhere.pkl")})
     trainer = Trainer(cfg)
     with pytest.raises(FileNotFoundError, match=r"MODEL.WEIGHTS=.*nowhere.pkl does not exist.*convert_torchvision"):
         trainer.resume_or_load(resume=False)
 
 
-def test_a_nonfinite_loss_stops_before_the_step(tmp_path):
-    cfg = tiny_cfg(tmp_path, **{"SOLVER.BASE_LR": 1e30})
+def test_a_nonfinite_loss_stops_before_the_step(tiny_shapes, tmp_path):
+    cfg = tiny_cfg(tiny_shapes, tmp_path, **{"SOLVER.BASE_LR": 1e30})
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     with pytest.raises(FloatingPointError, match="Loss is NaN or infinite at iteration"):

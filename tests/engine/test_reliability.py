@@ -17,7 +17,6 @@ from torch import nn
 
 from tests.conftest import REPO_ROOT, reregister_coco, write_tiny_lazy_config
 from tood.checkpoint import TOODCheckpointer
-from tood.data import get_shapes_dataset
 from tood.data.checks import (
     DatasetNotRegisteredError,
 )
@@ -172,13 +171,11 @@ def test_weights_with_nan_are_not_saved(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
+def tiny_config(tiny_shapes, tmp_path_factory):
     """A config of the quick-start model on 8 generated images of 128 px, 2 per batch, no evaluation."""
-    root = tmp_path_factory.mktemp("tiny")
-    folder = get_shapes_dataset(num_images=8, seed=0, image_size=128, root=root)
-    reregister_coco("reliability_train", folder / "annotations.json", folder / "images")
+    reregister_coco("reliability_train", tiny_shapes / "annotations.json", tiny_shapes / "images")
     extra = "del dataloader.evaluator\ntrain.max_iter = 6\ntrain.log_period = 1\ntrain.eval_period = 0\n"
-    return write_tiny_lazy_config(root / "tiny_config.py", "reliability_train", extra=extra)
+    return write_tiny_lazy_config(tmp_path_factory.mktemp("tiny") / "tiny_config.py", "reliability_train", extra=extra)
 
 
 class RecordSteps(HookBase):
