@@ -74,7 +74,7 @@ def _cpu_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine
     main_func(*args)
     # Tear the process groups down once every process is done with its collectives, while the interpreter is whole: a
     # gloo group still referenced at interpreter exit (detectron2 keeps the local one, and caches its gloo group) is
-    # destroyed during finalisation, where its threads' clean-up can abort the process (SIGABRT, 2 runs in 40 here).
+    # destroyed during finalisation, where its threads' clean-up can abort the process with SIGABRT.
     comm.synchronize()
     comm._LOCAL_PROCESS_GROUP = None
     comm._get_global_gloo_group.cache_clear()
