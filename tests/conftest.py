@@ -9,6 +9,27 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Reference tensors recorded from mmdetection 3.3, in a folder beside the checkout; TOOD_ORACLE_DIR overrides.
 ORACLE_DIR = Path(os.environ.get("TOOD_ORACLE_DIR", REPO_ROOT.parent / "shared" / "oracle"))
+# ATEN_CPU_CAPABILITY=avx2 (with ONEDNN_MAX_CPU_ISA=AVX2: make test-avx2) runs the suite as PyTorch sees a CPU without
+# AVX-512: oneDNN then answers that it has no bfloat16 support, and the fixture below makes torch.cpu's probes, which
+# read the CPU's flags directly, answer no too.
+WITHOUT_AVX512 = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2")
+
+
+# The references were recorded with 2 threads: a CPU's float sums depend on how the work is split between threads, so
+# tests that compare with them compute with that many (a module marked ``reference_threads``), whatever the machine's
+# core count or OMP_NUM_THREADS, and restore the count after.
+REFERENCE_THREADS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_threads(request):
+    if request.node.get_closest_marker("reference_threads") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(REFERENCE_THREADS)
+    yield
+    torch.set_num_threads(threads)
 
 
 def load_tool(name: str):
@@ -153,6 +174,27 @@ def reregister_coco(name, json_file, image_root):
         DatasetCatalog.remove(name)
     MetadataCatalog.pop(name, None)
     register_checked_coco(name, str(json_file), str(image_root))
+
+
+def set_cpu_units(monkeypatch, avx512_bf16: bool, amx: bool, onednn_bf16: bool = True, capability: str = "AVX2"):
+    """Makes every probe that the precision rule reads answer as a CPU with these units would: torch.cpu's feature
+    flags, oneDNN's bfloat16 support and ATen's vector capability."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
+
+@pytest.fixture
+def cpu_units(monkeypatch):
+    """``cpu_units(avx512_bf16, amx, onednn_bf16=True, capability="AVX2")``: :func:`set_cpu_units` for one test."""
+    return lambda *args, **kwargs: set_cpu_units(monkeypatch, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kind(monkeypatch):
+    if WITHOUT_AVX512:
+        set_cpu_units(monkeypatch, False, False, onednn_bf16=False, capability="AVX2")
 
 
 @pytest.fixture(autouse=True)

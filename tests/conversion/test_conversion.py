@@ -23,6 +23,8 @@ from tood.conversion import (
 )
 from tood.mmdet_names import convert_head_state_dict_to_mmdet
 
+pytestmark = pytest.mark.reference_threads  # compares with tensors recorded from mmdetection
+
 tool = load_tool("convert_mmdet_to_d2")
 _SKELETONS = {}
 

@@ -2,6 +2,9 @@
 ``train.amp.enabled`` always winning; and bfloat16 training that learns, on any CPU."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,21 +12,8 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
 
-from tests.conftest import REPO_ROOT
-from tood.engine import train_loop
+from tests.conftest import REPO_ROOT, WITHOUT_AVX512
 from tood.engine.train_loop import CPUAMPTrainer, choose_precision, cpu_bfloat16_units, inference_autocast
-
-
-@pytest.fixture
-def cpu_units(monkeypatch):
-    """Sets what the CPU probes of ``torch.cpu`` answer: ``cpu_units(avx512_bf16, amx)``."""
-
-    def set_units(avx512_bf16: bool, amx: bool):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-
-    return set_units
 
 
 @pytest.mark.parametrize(
@@ -46,9 +36,8 @@ def test_bfloat16_where_the_cpu_has_bfloat16_units(cpu_units, avx512_bf16, amx, 
         assert why.startswith("float32: no bfloat16 units on this CPU (AVX2")
 
 
-def test_units_oneDNN_cannot_use_do_not_count(cpu_units, monkeypatch):
-    cpu_units(True, False)
-    monkeypatch.setattr(train_loop.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+def test_units_oneDNN_cannot_use_do_not_count(cpu_units):
+    cpu_units(True, False, onednn_bf16=False)
     assert cpu_bfloat16_units() == ()
     assert choose_precision(None, "cpu")[0] is False
 
@@ -116,3 +105,22 @@ def test_cpu_inference_follows_the_training_choice(cpu_units, units):
                 assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     with inference_autocast(True, "cuda"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_avx2_mode_sees_no_bfloat16_units():
+    """``make test-avx2``'s environment makes PyTorch answer as a CPU without AVX-512 would, on any CPU: AVX2 kernels,
+    no oneDNN bfloat16, hence float32 training; the suite's own probes (tests/conftest.py) answer no as well."""
+    code = (
+        "import torch; from tood.engine.train_loop import choose_precision; "
+        "print(torch.backends.cpu.get_cpu_capability(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), "
+        "choose_precision(None)[1])"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("AVX2 False float32: no bfloat16 units on this CPU (AVX2;"), out
+    if WITHOUT_AVX512:
+        assert (cpu_bfloat16_units(), torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()) == (
+            (),
+            False,
+            False,
+        )

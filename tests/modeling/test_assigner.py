@@ -1,9 +1,12 @@
 """ATSS and task-aligned assignment: parity with mmdetection 3.3's assigners, and behaviour on edge cases."""
 
+import pytest
 import torch
 
 from tood.assigner import INSIDE_MARGIN, ATSSAssigner, TaskAlignedAssigner, paired_box_iou
 from tood.priors import level_boxes, multi_level_points
+
+pytestmark = pytest.mark.reference_threads  # compares with tensors recorded from mmdetection
 
 STRIDES = (8, 16, 32, 64, 128)
 

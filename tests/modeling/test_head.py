@@ -22,6 +22,8 @@ from tood.mmdet_names import (
 )
 from tood.priors import level_boxes, level_points
 
+pytestmark = pytest.mark.reference_threads  # compares with tensors recorded from mmdetection
+
 STRIDES = (8, 16, 32, 64, 128)
 # The device-dependent paths (grid_sample, deform_conv2d, autocast) are also checked on a GPU when there is one.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -21,9 +21,11 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 from torchvision.ops import deform_conv2d
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REFERENCE_THREADS, REPO_ROOT
 from tood.conversion import convert_mmdet_checkpoint
 from tood.transforms import ResizeKeepRatioCV2, keep_ratio_size
+
+pytestmark = pytest.mark.reference_threads  # compares with tensors recorded from mmdetection
 
 RTOL = 1e-5
 BOX_TOL_PX = 0.01
@@ -32,6 +34,11 @@ BOX_TOL_PX = 0.01
 # with the reference's exact FPN outputs and either sampling op (grid_sample or deform_conv2d) alike.
 ALIGNED_BOX_RTOL = 5e-5
 LOSS_PART_RTOL = 3e-5  # see test_training_losses
+
+
+def test_computes_with_the_reference_s_thread_count():
+    """The module's marker pins the thread count of the references, whatever the machine's or OMP_NUM_THREADS."""
+    assert torch.get_num_threads() == REFERENCE_THREADS
 
 
 def build_converted_model(config: str, checkpoint) -> torch.nn.Module:

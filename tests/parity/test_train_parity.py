@@ -39,6 +39,8 @@ from tood.engine import build_trainer
 from tood.engine.train_loop import add_gradient_clipping
 from tood.mmdet_names import MMDET_TOOD_NAME_MAP
 
+pytestmark = pytest.mark.reference_threads  # compares with tensors recorded from mmdetection
+
 CONFIGS = {
     "anchor_free": str(REPO_ROOT / "configs" / "tood_R_50_1x.py"),
     "anchor_based": str(REPO_ROOT / "configs" / "tood_R_50_anchor_based_1x.py"),

@@ -55,6 +55,10 @@ COVERAGE = {
     ],
     "make test": [HERE + "test_make_targets", "tests/tools/test_env.py::test_venv_sees_the_packages_its_mode_promises"],
     "make test-fast": [HERE + "test_make_targets"],
+    "make test-avx2": [
+        HERE + "test_make_targets",
+        "tests/engine/test_precision.py::test_avx2_mode_sees_no_bfloat16_units",
+    ],
     "make test PYTHON=": [
         HERE + "test_make_targets",
         "tests/tools/test_env.py::test_the_interpreter_check_agrees_with_the_mode",
@@ -265,12 +269,14 @@ def test_make_targets():
         python = next((t.split("=", 1)[1] for t in tokens if t.startswith("PYTHON=")), "")
         assert lines[0] == f'PYTHON="{python}" bash tools/setup_env.sh', shown.stdout
         target = tokens[1]
+        as_avx2 = 'ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python -m pytest -m "not slow"'
         expected = {
             "quickstart": [".venv/bin/python tools/quickstart.py"],
-            "test": [".venv/bin/python -m pytest"],
+            "test": [".venv/bin/python -m pytest", as_avx2],
             "test-fast": ['.venv/bin/python -m pytest -m "not slow"'],
+            "test-avx2": [as_avx2],
         }
-        assert lines[-1] in expected[target], shown.stdout
+        assert lines[-len(expected[target]) :] == expected[target], shown.stdout
         if target.startswith("test"):
             assert ".venv/bin/python -m ruff format --check ." in lines
 
