@@ -1,10 +1,13 @@
 import importlib.util
 import logging
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Reference tensors recorded from mmdetection 3.3, in a folder beside the checkout; TOOD_ORACLE_DIR overrides.
@@ -33,9 +36,9 @@ def _reference_threads(request):
 
 
 def load_tool(name: str):
-    """``tools/<name>.py`` as a module, without running its ``__main__`` block: tests call its functions
-    in-process."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    """``tools/<name>.py`` (``name`` may name a subfolder: ``env/...``) as a module, without running its ``__main__``
+    block: tests call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name.replace('/', '_')}", REPO_ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -201,3 +204,21 @@ def _cpu_kind(monkeypatch):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+class FloatOutputs(TorchDispatchMode):
+    """Records the dtype of every floating tensor that any operator computes, with the operators that made it.
+
+    Views compute nothing and are left out (Detectron2's ``Boxes`` of the inputs are float32 by design, and reshaping
+    them is no computation in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = defaultdict(set)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in () if func.is_view else tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.ops[t.dtype].add(str(func.overloadpacket))
+        return out

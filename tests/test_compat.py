@@ -1,6 +1,7 @@
 """tood.compat: in this environment (Detectron2 v0.6, Python 3.11) each stand-in does what Detectron2 main's object
 does, and where Detectron2 has the fix (made to look like main here), Detectron2's own object is used instead."""
 
+import importlib.machinery
 import os
 import random
 import types
@@ -20,7 +21,7 @@ from detectron2.solver.build import get_default_optimizer_params
 from detectron2.utils import comm
 from torch import nn
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_tool
 from tood import compat
 
 # --- launch ---------------------------------------------------------------------------------------------------------
@@ -184,6 +185,14 @@ def test_project_adamw_is_the_same_from_detectron2_mains_optim_config(monkeypatc
 
 
 def test_compiled_ops_are_missing_with_the_placeholder_only(monkeypatch):
-    assert detectron2._C.IS_TOOD_PLACEHOLDER and not compat.has_compiled_ops()
+    """True for a source build (its ``_C`` is an extension module loaded from a file), False for the project's
+    placeholder (built here by the placeholder's own code), whichever of the two is installed."""
+    from detectron2 import _C
+
+    compiled = _C.__spec__.origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    assert compat.has_compiled_ops() == compiled, _C.__spec__.origin
+    placeholder = load_tool("env/detectron2_c_placeholder")
+    monkeypatch.setattr(detectron2, "_C", placeholder._make_module())
+    assert not compat.has_compiled_ops()
     monkeypatch.setattr(detectron2, "_C", types.ModuleType("detectron2._C"))
     assert compat.has_compiled_ops()

@@ -1,7 +1,6 @@
 """The TOOD meta-architecture end to end on CPU: both variants train a step in both phases and run inference."""
 
 import copy
-from collections import defaultdict
 
 import pytest
 import torch
@@ -9,10 +8,8 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, FloatOutputs
 
 NUM_CLASSES = 5
 
@@ -137,32 +134,32 @@ def test_phase_follows_iteration_and_is_logged(caplog):
 
 
 def test_model_is_deepcopyable_and_deterministic_in_eval():
+    """A deep copy (Detectron2's EMA and SWA hooks, evaluators of a frozen model) predicts what the model predicts and
+    shares nothing with it: changing the copy's weights changes its detections, not the original's. Inference
+    repeated on the same input gives the same detections."""
     model = small_tood()
+    model.test_score_thresh = 0.0  # random weights: keep every candidate, so that there are detections to compare
     model.eval()
     clone = copy.deepcopy(model)
     inputs = make_inputs(num_boxes=(0,))
+
+    def detect(m):
+        with torch.no_grad():
+            instances = m(inputs)[0]["instances"]
+        return torch.cat([instances.pred_boxes.tensor, instances.scores[:, None]], dim=1)
+
+    before = detect(model)
+    assert len(before) > 0
+    assert torch.equal(detect(model), before)
+    assert torch.equal(detect(clone), before)
     with torch.no_grad():
-        a = model(inputs)[0]["instances"]
-        b = clone(inputs)[0]["instances"]
-    assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
-
-
-class FloatOutputs(TorchDispatchMode):
-    """Records the dtype of every floating tensor that any operator computes, with the operators that made it.
-
-    Views compute nothing and are left out (Detectron2's ``Boxes`` of the inputs are float32 by design, and reshaping
-    them is no computation in float32)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = defaultdict(set)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in () if func.is_view else tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.ops[t.dtype].add(str(func.overloadpacket))
-        return out
+        for p in clone.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for b in clone.buffers():
+            if b.is_floating_point():
+                b.mul_(1.5)
+    assert not torch.equal(detect(clone), before)
+    assert torch.equal(detect(model), before)
 
 
 @pytest.mark.parametrize("iteration", [0, 10], ids=["atss_warmup", "task_aligned"])

@@ -5,12 +5,12 @@ import re
 
 from tests.conftest import load_tool
 from tood.data import register_shapes_dataset
-from tood.engine.train_loop import choose_precision
 
 IMAGE_SIZE = 96
 
 
-def test_quickstart_trains_evaluates_draws_and_reports(tmp_path, capsys):
+def test_quickstart_trains_evaluates_draws_and_reports(tmp_path, capsys, cpu_units):
+    cpu_units(False, False, onednn_bf16=False, capability="AVX2")  # a CPU without bfloat16 units: float32
     register_shapes_dataset("qs_train", num_images=8, seed=201, image_size=IMAGE_SIZE, root=tmp_path / "data")
     register_shapes_dataset("qs_val", num_images=4, seed=202, image_size=IMAGE_SIZE, root=tmp_path / "data")
     opts = ["dataloader.train.dataset.names=qs_train", "dataloader.test.dataset.names=qs_val"]
@@ -25,13 +25,12 @@ def test_quickstart_trains_evaluates_draws_and_reports(tmp_path, capsys):
 
     out = capsys.readouterr().out
     # The first line says which precision this CPU trains in, and why; the last ones, the speed it had.
-    amp, why = choose_precision(None)
-    assert out.lstrip().startswith(f"Precision: {why}"), out
+    assert out.lstrip().startswith("Precision: float32: no bfloat16 units on this CPU (AVX2; "), out
     trained = re.search(r"Trained (\d+) iterations in ([\d.]+) min \(([\d.]+) s/iteration, (\d+) threads, (\w+)\)", out)
     assert trained, out
     assert trained.group(1) == "3"
     assert float(trained.group(3)) > 0
-    assert trained.group(5) == ("bfloat16" if amp else "float32")
+    assert trained.group(5) == "float32"
     assert f"Box AP on qs_val: {results['bbox']['AP']:.1f}" in out
     assert (output / "model_final.pth").is_file()
     drawn = sorted(p.name for p in (output / "predictions").iterdir())
