@@ -21,7 +21,6 @@ from tood.conversion import (
     load_mmdet_checkpoint,
     torchvision_resnet_to_detectron2,
 )
-from tood.mmdet_names import convert_head_state_dict_to_mmdet
 
 pytestmark = pytest.mark.reference_threads  # compares with tensors recorded from mmdetection
 
@@ -84,13 +83,50 @@ def mmdet_fpn_shapes():
     return shapes
 
 
-def synthetic_mmdet_checkpoint(config: str, **resnet) -> dict:
-    """An mmdetection-named TOOD state dict for the architecture of ``config`` (head names via mmdet_names)."""
-    head = skeleton(config).head
+def mmdet_tood_head_shapes(num_dcn=0, num_classes=80, feat_channels=256, stacked_convs=6, dcn_deform_groups=4):
+    """mmdetection 3.3's ``TOODHead`` (``mmdet/models/dense_heads/tood_head.py``) with GN: the stacked
+    ``ConvModule`` convs (no bias beside a norm; the first ``num_dcn`` are mmcv's ``ModulatedDeformConv2dPack``
+    with ``deform_groups=4`` and their own ``conv_offset``), two ``TaskDecomposition`` modules (layer attention
+    down to ``feat_channels // 8``), the prediction convs, the probability and offset branches, one scale per level.
+    Written from those modules' definitions, not from this project's name map."""
+    shapes, stacked = {}, feat_channels * stacked_convs
+    for i in range(stacked_convs):
+        shapes[f"inter_convs.{i}.conv.weight"] = (feat_channels, feat_channels, 3, 3)
+        if i < num_dcn:
+            shapes[f"inter_convs.{i}.conv.conv_offset.weight"] = (dcn_deform_groups * 27, feat_channels, 3, 3)
+            shapes[f"inter_convs.{i}.conv.conv_offset.bias"] = (dcn_deform_groups * 27,)
+        shapes[f"inter_convs.{i}.gn.weight"] = shapes[f"inter_convs.{i}.gn.bias"] = (feat_channels,)
+    for task in ("cls_decomp", "reg_decomp"):
+        shapes[f"{task}.layer_attention.0.weight"] = (feat_channels // 8, stacked, 1, 1)
+        shapes[f"{task}.layer_attention.0.bias"] = (feat_channels // 8,)
+        shapes[f"{task}.layer_attention.2.weight"] = (stacked_convs, feat_channels // 8, 1, 1)
+        shapes[f"{task}.layer_attention.2.bias"] = (stacked_convs,)
+        shapes[f"{task}.reduction_conv.conv.weight"] = (feat_channels, stacked, 1, 1)
+        shapes[f"{task}.reduction_conv.gn.weight"] = shapes[f"{task}.reduction_conv.gn.bias"] = (feat_channels,)
+    for name, out_channels in (("tood_cls", num_classes), ("tood_reg", 4)):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out_channels, feat_channels, 3, 3), (out_channels,)
+    for name, out_channels in (("cls_prob_module", 1), ("reg_offset_module", 8)):
+        shapes[f"{name}.0.weight"], shapes[f"{name}.0.bias"] = (
+            (feat_channels // 4, stacked, 1, 1),
+            (feat_channels // 4,),
+        )
+        shapes[f"{name}.2.weight"] = (out_channels, feat_channels // 4, 3, 3)
+        shapes[f"{name}.2.bias"] = (out_channels,)
+    shapes.update({f"scales.{level}.scale": () for level in range(5)})
+    return shapes
+
+
+def test_head_names_are_mmdetection_s(e2e_oracle):
+    """The head names written above are those of the checkpoint mmdetection 3.3 saved."""
+    saved = {k[len("bbox_head.") :]: tuple(v.shape) for k, v in e2e_oracle["state_dict"].items() if "bbox_head." in k}
+    assert saved == mmdet_tood_head_shapes()
+
+
+def synthetic_mmdet_checkpoint(config: str, head_dcn: int = 0, **resnet) -> dict:
+    """An mmdetection-named TOOD state dict for the architecture of ``config``, with ``head_dcn`` DCNv2 head convs."""
     state_dict = {f"backbone.{k}": _shape_only(s) for k, s in mmdet_resnet_shapes(**resnet).items()}
     state_dict.update({f"neck.{k}": _shape_only(s) for k, s in mmdet_fpn_shapes().items()})
-    mmdet_head = convert_head_state_dict_to_mmdet(head.state_dict(), head)
-    state_dict.update({f"bbox_head.{k}": _shape_only(v.shape) for k, v in mmdet_head.items()})
+    state_dict.update({f"bbox_head.{k}": _shape_only(s) for k, s in mmdet_tood_head_shapes(head_dcn).items()})
     return state_dict
 
 
@@ -111,7 +147,7 @@ ZOO = [
 
 @pytest.mark.parametrize("config, resnet, description, head_dcn", ZOO, ids=[z[0] for z in ZOO])
 def test_zoo_architectures_are_detected_and_fit_their_config(config, resnet, description, head_dcn):
-    state_dict = synthetic_mmdet_checkpoint(config, **resnet)
+    state_dict = synthetic_mmdet_checkpoint(config, head_dcn, **resnet)
     model = skeleton(config)
     converted, report = convert_mmdet_checkpoint(state_dict, model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

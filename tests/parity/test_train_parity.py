@@ -263,4 +263,8 @@ def f32_warmup(train_oracle, e2e_oracle):
 def test_float32_warmup_steps(f32_warmup, train_oracle):
     ours = f32_warmup["recorder"]
     grads = {theirs(n): stats(g) for n, g in ours.grads.items()}
-    torch.save({"losses": ours.losses, "grads": grads}, "/tmp/f32_ours.pt")
+    import os
+
+    torch.save(
+        {"losses": ours.losses, "grads": grads}, f"/tmp/f32_ours_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}.pt"
+    )

@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -36,7 +37,7 @@ from detectron2.structures import Instances
 
 from tests.conftest import REPO_ROOT, load_tool
 from tood import add_tood_config
-from tood.checkpoint import check_weights_file
+from tood.checkpoint import TOODCheckpointer, check_weights_file
 from tood.data import get_shapes_dataset
 from tood.engine import Trainer, argument_parser, dataset_metadata, main
 from tood.engine.config_checks import check_override_keys
@@ -78,6 +79,7 @@ COVERAGE = {
         "tests/tools/test_convert_resnet.py::test_open_mmlab_resnext_checkpoint_initialises_the_x101_config",
     ],
     "tools/train_net.py [.py] --config-file --num-gpus : train.output_dir": [
+        HERE + "test_the_8_gpu_commands_set_up_the_reference_s_run",
         "tests/tools/test_train_net.py::test_two_cpu_processes_reproduce_one",
         "tests/engine/test_schedule.py::test_the_headline_command_without_coco_ends_with_reasons_not_a_traceback",
     ],
@@ -88,6 +90,7 @@ COVERAGE = {
         "tests/tools/test_train_net.py::test_two_cpu_processes_reproduce_one",
     ],
     "tools/train_net.py [.py] --config-file --num-gpus --resume : train.output_dir": [
+        HERE + "test_the_8_gpu_commands_set_up_the_reference_s_run",
         "tests/tools/test_train_net.py::test_train_checkpoint_evaluate_resume_and_eval_only",
         "tests/engine/test_reliability.py::test_resumed_run_continues_like_the_uninterrupted_one",
     ],
@@ -96,6 +99,7 @@ COVERAGE = {
         "tests/configs/test_yaml_zoo.py::test_reference_world_size_scales_the_tal_start_with_the_schedule",
     ],
     "tools/train_net.py [.yaml] --config-file --eval-only : MODEL.WEIGHTS": [
+        HERE + "test_evaluate_the_converted_model_with_yaml",
         "tests/configs/test_yaml_zoo.py::test_train_net_trains_and_evaluates_a_yaml_config",
     ],
     "tools/train_net.py [.py] --config-file --register-coco : dataloader.test.dataset.names "
@@ -222,17 +226,42 @@ def test_readme_has_commands_and_snippets():
 
 
 def test_every_command_is_covered():
+    """Every README command form maps to tests, and at least one of them runs in the fast tier (``make test-fast``,
+    not marked slow) and carries no skip mark: a form whose only tests are slow, skipped or gone is not covered."""
     forms = {form(tokens): shlex.join(tokens) for tokens in bash_commands()}
     uncovered = sorted(f"{f!r} ({command})" for f, command in forms.items() if f not in COVERAGE)
     assert not uncovered, "README commands that no test runs:\n" + "\n".join(uncovered)
     stale = sorted(set(COVERAGE) - set(forms))
     assert not stale, f"COVERAGE names command forms that README no longer has: {stale}"
+    # pytest itself says which of the mapped tests exist (parametrized ids included) and which are in the fast tier.
+    test_ids = sorted({test_id for f in forms for test_id in COVERAGE[f]})
+    collected = {}
+    for tier, marks in (("all", []), ("fast", ["-m", "not slow"])):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *marks, *test_ids],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        items = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
+        # A mapped test without parameters stands for each of its parametrized cases.
+        collected[tier] = {t for t in test_ids if t in items or any(i.startswith(t + "[") for i in items)}
+    missing = sorted(set(test_ids) - collected["all"])
+    assert not missing, f"mapped tests that do not exist: {missing}"
+
+    def skip_marked(test_id):
+        path, name = test_id.split("::")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        marks = []
+        for holder in (module, getattr(module, name.split("[")[0])):
+            held = getattr(holder, "pytestmark", [])
+            marks += held if isinstance(held, list) else [held]
+        return any(getattr(m, "name", None) in ("skip", "skipif", "xfail") for m in marks)
+
     for f in forms:
-        for test_id in COVERAGE[f]:
-            path, name = test_id.split("::")
-            module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-            function = getattr(module, name.split("[")[0], None)
-            assert callable(function) and function.__name__.startswith("test_"), f"{test_id} (for {f!r}) does not exist"
+        fast = [t for t in COVERAGE[f] if t in collected["fast"] and not skip_marked(t)]
+        assert fast, f"{f!r}: none of its tests runs in the fast tier unskipped: {COVERAGE[f]}"
 
 
 def test_every_command_parses_with_its_tool_and_config():
@@ -279,6 +308,23 @@ def test_make_targets():
         assert lines[-len(expected[target]) :] == expected[target], shown.stdout
         if target.startswith("test"):
             assert ".venv/bin/python -m ruff format --check ." in lines
+
+
+def test_the_8_gpu_commands_set_up_the_reference_s_run():
+    """The headline training command and its --resume: 8 processes of 2 images make the reference's batch of 16 at
+    its learning rate, over its 12 epochs of COCO, writing where the command says; --resume continues from there."""
+    for wanted, resume in (("--num-gpus : train.output_dir", False), ("--num-gpus --resume : train.output_dir", True)):
+        [tokens] = readme_commands(f"tools/train_net.py [.py] --config-file {wanted}")
+        args = argument_parser().parse_args(run_argv(tokens))
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(str(REPO_ROOT / args.config_file)), args.opts)
+        assert (args.num_gpus, args.resume) == (8, resume)
+        assert cfg.dataloader.train.total_batch_size == 16 and cfg.optimizer.lr == 0.01
+        assert (cfg.train.max_iter, cfg.model.tal_start_iter) == (12 * 7330, 4 * 7330)
+        assert cfg.train.output_dir == option_value(args.opts, "train.output_dir")
+
+
+def option_value(opts, key):
+    return next(o.split("=", 1)[1] for o in opts if o.startswith(key + "="))
 
 
 def test_fewer_gpus_scale_batch_and_learning_rate():
@@ -447,6 +493,26 @@ def test_fine_tune_from_the_converted_coco_model(scratch, converted, fine_tuned)
     assert final["head.cls_score.weight"].shape[0] == NUM_CLASSES
     assert torch.equal(final["backbone.bottom_up.stem.conv1.weight"], coco["backbone.bottom_up.stem.conv1.weight"])
     assert not torch.equal(final["backbone.fpn_output3.weight"], coco["backbone.fpn_output3.weight"])  # trained
+
+
+def test_evaluate_the_converted_model_with_yaml(scratch, converted):
+    """README's YAML --eval-only command, up to evaluation: its config builds the model that the converted file fits
+    exactly (loaded strictly, as evaluation loads), every tensor taken from the file."""
+    [tokens] = readme_commands("tools/train_net.py [.yaml] --config-file --eval-only : MODEL.WEIGHTS")
+    args = argument_parser().parse_args(run_argv(tokens))
+    assert args.eval_only
+    cfg = get_cfg()
+    add_tood_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / args.config_file))
+    cfg.merge_from_list([*args.opts, "MODEL.DEVICE", "cpu"])
+    model = Trainer.build_model(cfg)
+    with contextlib.chdir(scratch):
+        assert Path(cfg.MODEL.WEIGHTS).resolve() == converted.resolve()
+        TOODCheckpointer(model, strict=True).load(cfg.MODEL.WEIGHTS)
+        saved = torch.load(cfg.MODEL.WEIGHTS, weights_only=False)["model"]
+    state = model.state_dict()
+    assert sorted(saved) == sorted(state)
+    assert all(torch.equal(state[k], torch.as_tensor(v)) for k, v in saved.items())
 
 
 def test_demo(scratch, converted, fine_tuned):
