@@ -31,7 +31,8 @@ from detectron2.utils.logger import setup_logger
 from matplotlib.figure import Figure
 from tabulate import tabulate
 
-from tood.engine.training import argument_parser, do_train, evaluate_checkpoint, setup
+from tood.engine.arguments import argument_parser
+from tood.engine.training import do_train, evaluate_checkpoint, setup
 
 from .alignment_report import alignment_report
 

@@ -20,7 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
 from tood.engine import LazyPredictor
-from tood.engine.training import add_register_coco_argument, register_coco_datasets
+from tood.engine.arguments import add_register_coco_argument, register_coco_datasets
 from tood.engine.visualization import expand_inputs, run_on_images, run_on_video
 
 

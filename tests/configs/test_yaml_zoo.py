@@ -19,7 +19,8 @@ from tests.conftest import REPO_ROOT, register_coco_args, tiny_yaml_overrides
 from tood.backbone import FrozenStatsBatchNorm2d
 from tood.data.checks import DatasetNotRegisteredError
 from tood.engine import ConfigKeyError, Trainer, argument_parser, main
-from tood.engine.defaults import is_yacs_config, setup_yaml
+from tood.engine.defaults import setup_yaml
+from tood.engine.launcher import is_yacs_config
 from tood.engine.training import load_config
 from tood.meta_arch import TOOD
 from tood.transforms import ResizeKeepRatioCV2

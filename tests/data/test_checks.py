@@ -18,7 +18,7 @@ from tood.data.checks import (
     get_checked_dataset_dicts,
 )
 from tood.data.loader import build_train_loader
-from tood.engine.training import register_coco_datasets
+from tood.engine.arguments import register_coco_datasets
 from tood.losses import TOODLoss
 from tood.priors import level_boxes, level_points
 

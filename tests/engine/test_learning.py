@@ -6,7 +6,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tood.data import ShapesConfig, register_shapes_dataset
-from tood.engine.training import argument_parser, do_train, setup
+from tood.engine.arguments import argument_parser
+from tood.engine.training import do_train, setup
 
 # Box AP on the held-out images after MAX_ITER iterations, measured with seeds 0 / 1 / 2: 16.2 / 19.8 / 18.3 (78-139 s
 # on the project's 2-core machine). The floor, half the lowest, leaves room for other CPUs' rounding and seeds; an

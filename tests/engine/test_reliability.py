@@ -20,9 +20,10 @@ from tood.checkpoint import TOODCheckpointer
 from tood.data.checks import (
     DatasetNotRegisteredError,
 )
+from tood.engine.arguments import argument_parser
 from tood.engine.config_checks import ConfigKeyError, check_dataset_names, check_override_keys
 from tood.engine.train_loop import build_trainer
-from tood.engine.training import argument_parser, do_train
+from tood.engine.training import do_train
 from tood.losses import TOODLoss
 
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart_shapes.py")

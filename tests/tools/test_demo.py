@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 import demo  # noqa: E402
 
 from tood.engine import LazyPredictor, dataset_metadata  # noqa: E402
-from tood.engine.training import register_coco_datasets  # noqa: E402
+from tood.engine.arguments import register_coco_datasets  # noqa: E402
 
 CONFIG = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
 

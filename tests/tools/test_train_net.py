@@ -18,9 +18,9 @@ from torch import nn
 
 from tests.conftest import REPO_ROOT, register_coco_args, write_tiny_lazy_config
 from tood.data import get_shapes_dataset
+from tood.engine.arguments import register_coco_datasets
 from tood.engine.config_checks import check_num_classes
 from tood.engine.train_loop import CPUAMPTrainer, add_gradient_clipping, build_trainer
-from tood.engine.training import register_coco_datasets
 
 # On the quick-start model at 128 px (no flips: one and two processes see the same pixels).
 TINY_CONFIG = """

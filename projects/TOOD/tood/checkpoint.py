@@ -10,6 +10,11 @@
   the model is refused with the tensors that differ and what to do; a checkpoint of which no tensor fits is
   always refused.
 
+Every job starts from its weights one way: :func:`weights_to_load` decides which file a job loads and checks it
+(the pre-flight check of a run calls it before anything is built), :func:`load_weights` loads it. A training job's
+checkpointer is built with its inner loop (:func:`tood.engine.train_loop.build_trainer`); an evaluation's or a
+prediction's by :func:`load_trained_model`.
+
 Checkpoints go to local folders (``save_dir`` is a path, not a PathManager URL).
 """
 
@@ -21,7 +26,15 @@ from typing import Callable, List, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["TOODCheckpointer", "atomic_write"]
+__all__ = [
+    "TOODCheckpointer",
+    "atomic_write",
+    "check_weights_file",
+    "last_checkpoint",
+    "load_trained_model",
+    "load_weights",
+    "weights_to_load",
+]
 
 _PARTIAL = ".partial"  # suffix of the temporary files of atomic_write
 _LISTED = 10  # tensors named in a mismatch message
@@ -106,11 +119,8 @@ class TOODCheckpointer(DetectionCheckpointer):
         atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
 
     def last_iteration(self) -> int:
-        """The iteration stored in the checkpoint that ``last_checkpoint`` names (-1 if none), read without
-        loading its tensors."""
-        if not self.has_checkpoint():
-            return -1
-        return int(torch.load(self.get_checkpoint_file(), map_location="cpu", mmap=True).get("iteration", -1))
+        """The iteration stored in the checkpoint that ``last_checkpoint`` names (-1 if none)."""
+        return saved_iteration(self.get_checkpoint_file()) if self.has_checkpoint() else -1
 
     def load(self, path: str, checkpointables=None):
         # fvcore's resume_or_load passes checkpointables=None when resuming and [] when only loading weights.
@@ -156,6 +166,58 @@ class TOODCheckpointer(DetectionCheckpointer):
             raise ValueError("\n".join(lines))
         self.logger.warning("\n".join(lines + ["The tensors of other shapes keep their initialisation."]))
         return incompatible
+
+
+def last_checkpoint(save_dir: str) -> str:
+    """The checkpoint that ``save_dir``'s ``last_checkpoint`` names; "" if there is none."""
+    tag = os.path.join(save_dir, "last_checkpoint") if save_dir else ""
+    if not os.path.isfile(tag):
+        return ""
+    with open(tag) as f:
+        return os.path.join(save_dir, f.read().strip())
+
+
+def saved_iteration(path: str) -> int:
+    """The iteration stored in the checkpoint ``path`` (-1 if none), read without loading its tensors."""
+    return int(torch.load(path, map_location="cpu", mmap=True).get("iteration", -1))
+
+
+def weights_to_load(
+    path: str, save_dir: str = "", *, resume: bool = False, training: bool = True, key: str = "train.init_checkpoint"
+) -> str:
+    """The file a job starts from: with ``resume``, the last checkpoint of ``save_dir`` if there is one; otherwise
+    the weights file ``path`` ("" for none), which must exist (:func:`check_weights_file`, with ``training``'s
+    advice and ``key``'s name)."""
+    resumed = last_checkpoint(save_dir) if resume else ""
+    if not resumed:
+        check_weights_file(path, training, key)
+    return resumed or path
+
+
+def load_weights(
+    checkpointer: TOODCheckpointer, path: str, *, resume: bool = False, key: str = "train.init_checkpoint"
+) -> bool:
+    """Loads into ``checkpointer``'s model what its job starts from (:func:`weights_to_load`).
+
+    Resuming loads the last checkpoint of the checkpointer's folder with its checkpointables (the trainer's
+    iteration, optimizer and schedule), strictly. Otherwise the weights of ``path``: strictly for a strict
+    checkpointer (evaluation, prediction); for training, tensors of other shapes keep their initialisation.
+
+    Returns:
+        whether it resumed.
+    """
+    file = weights_to_load(path, checkpointer.save_dir, resume=resume, training=not checkpointer.strict, key=key)
+    resuming = resume and checkpointer.has_checkpoint()
+    checkpointer.load(file, checkpointables=None if resuming else [])  # None: all of them
+    return resuming
+
+
+def load_trained_model(
+    model, path: str, *, save_dir: str = "", resume: bool = False, key: str = "train.init_checkpoint"
+):
+    """Loads trained weights into ``model`` to evaluate or predict: ``path``'s, or with ``resume`` the last
+    checkpoint of ``save_dir``; they must fit it exactly (:func:`load_weights`)."""
+    load_weights(TOODCheckpointer(model, save_dir, strict=True), path, resume=resume, key=key)
 
 
 def check_weights_file(path: str, training: bool, key: str = "train.init_checkpoint") -> None:

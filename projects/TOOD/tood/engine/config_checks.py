@@ -1,4 +1,6 @@
-"""Checks of a LazyConfig and its command-line overrides, so that a mistake fails early and says how to fix it."""
+"""Checks of a config and its command-line overrides, so that a mistake fails early and says how to fix it: the
+override keys of both config systems (a LazyConfig's ``key=value``, a yacs config's ``KEY VALUE``), then a
+LazyConfig's datasets, files, weights, classes and schedule."""
 
 import difflib
 import functools
@@ -8,12 +10,13 @@ import math
 import os
 from typing import List, Optional, Sequence
 
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..checkpoint import check_weights_file
+from ..checkpoint import weights_to_load
 from ..compat import has_compiled_ops
 from ..data.checks import DatasetNotRegisteredError, check_registered, get_checked_dataset_dicts
 
@@ -76,14 +79,40 @@ def _parse_overrides(overrides):
     return OverridesParser.create().parse_overrides(overrides)
 
 
-def check_override_keys(cfg, overrides):
-    """Raises :class:`ConfigKeyError`, with close matches, for an override of a key that ``cfg`` does not have and
-    that is no argument of the object built there.
+def _unknown_key(key: str, parts: List[str], depth: int, candidates: Sequence[str], more: str = "") -> ConfigKeyError:
+    """The error for ``key``, whose part ``depth`` is none of ``candidates``, with the close matches."""
+    part = parts[depth]
+    matches = [".".join([*parts[:depth], m, *parts[depth + 1 :]]) for m in difflib.get_close_matches(part, candidates)]
+    hint = f" Did you mean {' or '.join(matches)}?" if matches else ""
+    return ConfigKeyError(
+        f"Unknown config key '{key}': {'.'.join(parts[:depth]) or 'the config'} has no '{part}'.{hint}{more}"
+    )
 
-    LazyConfig would add such a key silently: a misspelt ``train.max_iters`` is never read, and a misspelt
-    ``model.hed.num_classes`` fails later in ``instantiate`` without a hint. New keys asked for with ``+key=value``
-    pass.
+
+def _check_yacs_override_keys(cfg: CfgNode, opts: Sequence[str]) -> None:
+    if len(opts) % 2 or any("=" in key for key in opts[::2]):
+        raise ValueError(
+            "Overrides of a YAML config are KEY VALUE pairs, e.g. SOLVER.MAX_ITER 1000 (KEY=VALUE is a LazyConfig's "
+            f"form); got: {' '.join(opts)}"
+        )
+    for key in opts[::2]:
+        node, parts = cfg, key.split(".")
+        for depth, part in enumerate(parts):
+            if not (isinstance(node, CfgNode) and part in node):
+                raise _unknown_key(key, parts, depth, sorted(node) if isinstance(node, CfgNode) else [])
+            node = node[part]
+
+
+def check_override_keys(cfg, overrides: Sequence[str]) -> None:
+    """Raises :class:`ConfigKeyError`, with close matches, for an override of a key that ``cfg`` does not have.
+
+    For a yacs ``CfgNode`` (``KEY VALUE`` pairs; a ValueError, saying the form, for others), where yacs would fail an
+    assertion. For a LazyConfig (``key=value``), where a key that is no argument of the object built there would be
+    added silently: a misspelt ``train.max_iters`` is never read, and a misspelt ``model.hed.num_classes`` fails
+    later in ``instantiate`` without a hint. New keys asked for with ``+key=value`` pass.
     """
+    if isinstance(cfg, CfgNode):
+        return _check_yacs_override_keys(cfg, overrides)
     for override in _parse_overrides(overrides):
         if override.is_add():
             continue
@@ -105,14 +134,8 @@ def check_override_keys(cfg, overrides):
             if params is None or part in params:
                 break  # an argument the config leaves at its default
             candidates = sorted(set(known + params))
-            matches = [
-                ".".join([*parts[:depth], m, *parts[depth + 1 :]]) for m in difflib.get_close_matches(part, candidates)
-            ]
-            hint = f" Did you mean {' or '.join(matches)}?" if matches else ""
-            raise ConfigKeyError(
-                f"Unknown config key '{key}': {'.'.join(parts[:depth]) or 'the config'} has no '{part}'.{hint} "
-                f"Keys there: {', '.join(candidates)}. (Use +{key}=VALUE to add a new key.)"
-            )
+            more = f" Keys there: {', '.join(candidates)}. (Use +{key}=VALUE to add a new key.)"
+            raise _unknown_key(key, parts, depth, candidates, more)
 
 
 def _dataset_keys(cfg, eval_only: bool) -> List[str]:
@@ -200,13 +223,15 @@ def preflight(cfg, eval_only: bool = False, resume: bool = False, problems: Sequ
     for name in dict.fromkeys(names):  # each once, in order
         if name in DatasetCatalog.list():
             problems += _missing_dataset_files(name)
-    output_dir = OmegaConf.select(cfg, "train.output_dir", default=None)
-    resumable = resume and output_dir and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
-    if not resumable:
-        try:
-            check_weights_file(OmegaConf.select(cfg, "train.init_checkpoint", default=""), training=not eval_only)
-        except FileNotFoundError as e:
-            problems.append(str(e))
+    try:
+        weights_to_load(
+            OmegaConf.select(cfg, "train.init_checkpoint", default=""),
+            OmegaConf.select(cfg, "train.output_dir", default=""),
+            resume=resume,
+            training=not eval_only,
+        )
+    except FileNotFoundError as e:
+        problems.append(str(e))
     if problems:
         raise PreflightError("The run cannot start:\n" + "\n".join(f"  * {p}" for p in problems))
 

@@ -4,34 +4,32 @@ Detectron2 has two standard loops, and TOOD keeps both: LazyConfig files train t
 :func:`tood.engine.do_train` (as ``tools/lazyconfig_train_net.py``), YAML configs through :class:`Trainer`
 (as ``tools/train_net.py`` with ``DefaultTrainer``; :func:`main_yaml` is that script's ``main``). Both run the same
 inner loops (:mod:`tood.engine.train_loop`: finite-loss check, bfloat16 on CPU), the same atomic, finite checkpoints
-(:class:`tood.checkpoint.TOODCheckpointer`) and the same weights check.
+(:class:`tood.checkpoint.TOODCheckpointer`) and the same checked loading of weights
+(:func:`tood.checkpoint.load_weights`).
 """
 
-import difflib
 import logging
 import weakref
 
 import torch
-import yaml
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, default_setup
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
-from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import TOODCheckpointer, check_weights_file
+from ..checkpoint import load_trained_model, load_weights
 from ..compat import has_compiled_ops
 from ..config import add_tood_config
 from ..data.checks import CheckedDatasetMapper, check_registered, get_checked_dataset_dicts
 from ..transforms import with_reference_resize
-from .config_checks import ConfigKeyError
+from .arguments import register_coco_datasets
+from .config_checks import check_override_keys
 from .train_loop import build_trainer
-from .training import register_coco_datasets
 
-__all__ = ["Trainer", "is_yacs_config", "main_yaml", "setup_yaml"]
+__all__ = ["Trainer", "main_yaml", "setup_yaml"]
 
 
 class Trainer(DefaultTrainer):
@@ -63,12 +61,18 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
+        # The checkpoints hold this trainer's state: its hooks' (the LR schedule) and the inner loop's.
         self._trainer = build_trainer(
-            model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED, device=cfg.MODEL.DEVICE
+            model,
+            data_loader,
+            optimizer,
+            amp=cfg.SOLVER.AMP.ENABLED,
+            device=cfg.MODEL.DEVICE,
+            output_dir=cfg.OUTPUT_DIR,
+            state=weakref.proxy(self),
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = TOODCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self._trainer.checkpointer = self.checkpointer
+        self.checkpointer = self._trainer.checkpointer
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -90,9 +94,10 @@ class Trainer(DefaultTrainer):
         return scaled
 
     def resume_or_load(self, resume=True):
-        if not (resume and self.checkpointer.has_checkpoint()):
-            check_weights_file(self.cfg.MODEL.WEIGHTS, training=True, key="MODEL.WEIGHTS")
-        super().resume_or_load(resume=resume)
+        """``DefaultTrainer.resume_or_load`` through :func:`tood.checkpoint.load_weights`: ``MODEL.WEIGHTS``
+        checked first, or with ``resume`` the last checkpoint of ``OUTPUT_DIR`` and the trainer's state."""
+        if load_weights(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume, key="MODEL.WEIGHTS"):
+            self.start_iter = self.iter + 1
 
     @staticmethod
     def build_mapper(cfg, is_train: bool) -> CheckedDatasetMapper:
@@ -115,38 +120,6 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR, use_fast_impl=has_compiled_ops())
 
 
-def is_yacs_config(path: str) -> bool:
-    """Whether ``path`` is a YAML config of Detectron2's yacs system (upper-case keys: ``MODEL``, ``_BASE_``, ...)
-    rather than a LazyConfig (a ``.py`` file, or the ``config.yaml`` that a LazyConfig run saves)."""
-    if not path.endswith((".yaml", ".yml")):
-        return False
-    with PathManager.open(path) as f:
-        # The node tree only: a LazyConfig's YAML may hold Python objects, which are not built here.
-        root = yaml.compose(f, Loader=yaml.SafeLoader)
-    return isinstance(root, yaml.MappingNode) and any(key.value.isupper() for key, _ in root.value)
-
-
-def _check_overrides(cfg, opts):
-    """Raises, saying what is expected, for overrides that are not KEY VALUE pairs or name a key ``cfg`` lacks
-    (yacs would fail an assertion)."""
-    if len(opts) % 2 or any("=" in key for key in opts[::2]):
-        raise ValueError(
-            "Overrides of a YAML config are KEY VALUE pairs, e.g. SOLVER.MAX_ITER 1000 (KEY=VALUE is a LazyConfig's "
-            f"form); got: {' '.join(opts)}"
-        )
-    for key in opts[::2]:
-        node, parts = cfg, key.split(".")
-        for depth, part in enumerate(parts):
-            if not (isinstance(node, CfgNode) and part in node):
-                known = sorted(node) if isinstance(node, CfgNode) else []
-                matches = [".".join([*parts[:depth], m]) for m in difflib.get_close_matches(part, known)]
-                hint = f" Did you mean {' or '.join(matches)}?" if matches else ""
-                raise ConfigKeyError(
-                    f"Unknown config key '{key}': {'.'.join(parts[:depth]) or 'the config'} has no '{part}'.{hint}"
-                )
-            node = node[part]
-
-
 def setup_yaml(args):
     """The frozen yacs config of ``args.config_file`` with the ``KEY VALUE`` overrides of ``args.opts``, the
     ``--register-coco`` datasets registered first; then Detectron2's ``default_setup`` (logging, seed, the config
@@ -157,7 +130,7 @@ def setup_yaml(args):
     # As a LazyConfig's train.device: the GPU if there is one (Detectron2's default is always "cuda").
     cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.merge_from_file(args.config_file)
-    _check_overrides(cfg, args.opts)
+    check_override_keys(cfg, args.opts)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     check_registered(cfg.DATASETS.TEST, "DATASETS.TEST")
@@ -184,10 +157,7 @@ def main_yaml(args):
         trainer.resume_or_load(resume=args.resume)
         return trainer.train()
     model = Trainer.build_model(cfg)
-    checkpointer = TOODCheckpointer(model, cfg.OUTPUT_DIR, strict=True)
-    if not (args.resume and checkpointer.has_checkpoint()):
-        check_weights_file(cfg.MODEL.WEIGHTS, training=False, key="MODEL.WEIGHTS")
-    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    load_trained_model(model, cfg.MODEL.WEIGHTS, save_dir=cfg.OUTPUT_DIR, resume=args.resume, key="MODEL.WEIGHTS")
     results = Trainer.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, results)

@@ -5,7 +5,7 @@ from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 
-from ..checkpoint import TOODCheckpointer, check_weights_file
+from ..checkpoint import load_trained_model
 from .train_loop import inference_autocast
 
 __all__ = ["LazyPredictor", "dataset_metadata"]
@@ -31,9 +31,8 @@ class LazyPredictor:
     def __init__(self, cfg):
         if not cfg.train.init_checkpoint:
             raise ValueError("No weights: set train.init_checkpoint=/path/to/model.pth")
-        check_weights_file(cfg.train.init_checkpoint, training=False)
         self.model = instantiate(cfg.model).to(cfg.train.device).eval()
-        TOODCheckpointer(self.model, strict=True).load(cfg.train.init_checkpoint, checkpointables=[])
+        load_trained_model(self.model, cfg.train.init_checkpoint)
         self.augmentations = T.AugmentationList(list(instantiate(cfg.dataloader.test.mapper.augmentations)))
         self.input_format = cfg.dataloader.test.mapper.image_format
         self.metadata = dataset_metadata(cfg.dataloader.test.dataset.names)

@@ -12,6 +12,8 @@ from detectron2.solver.build import _generate_optimizer_class_with_gradient_clip
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..checkpoint import TOODCheckpointer
+
 __all__ = [
     "CPUAMPTrainer",
     "choose_precision",
@@ -54,7 +56,7 @@ def check_losses_finite(loss_dict, iteration, checkpointer=None):
 class FiniteLossCheck:
     """Trainer mixin: :func:`check_losses_finite` on every iteration, before the step.
 
-    ``checkpointer`` (set by the training entry points) is where the message looks for the last good checkpoint.
+    ``checkpointer`` (set by :func:`build_trainer`) is where the message looks for the last good checkpoint.
     """
 
     checkpointer = None
@@ -145,13 +147,27 @@ def inference_autocast(amp: Optional[bool], device="cpu"):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-def build_trainer(model, data_loader, optimizer, *, amp: bool = False, device="cpu") -> SimpleTrainer:
-    """The checked inner loop for ``device``: fp32; with ``amp``, fp16 + loss scaling on CUDA, bfloat16 on CPU."""
+def build_trainer(
+    model, data_loader, optimizer, *, amp: bool = False, device="cpu", output_dir: Optional[str] = None, state=None
+) -> SimpleTrainer:
+    """The checked inner loop for ``device``: fp32; with ``amp``, fp16 + loss scaling on CUDA, bfloat16 on CPU.
+
+    Args:
+        output_dir: where the run's checkpoints go: the trainer gets its :class:`TOODCheckpointer` there
+            (``trainer.checkpointer``), which saves the model and ``state``, resumes them
+            (:func:`tood.checkpoint.load_weights`) and names the last good checkpoint when a loss is not finite.
+        state: what a checkpoint holds beside the model (iteration, optimizer, LR schedule, AMP's grad scaler): the
+            trainer that runs the hooks; this trainer if None.
+    """
     if not amp:
-        return CheckedSimpleTrainer(model, data_loader, optimizer)
-    if torch.device(device).type == "cuda":
-        return CheckedAMPTrainer(model, data_loader, optimizer)
-    return CPUAMPTrainer(model, data_loader, optimizer)
+        trainer = CheckedSimpleTrainer(model, data_loader, optimizer)
+    elif torch.device(device).type == "cuda":
+        trainer = CheckedAMPTrainer(model, data_loader, optimizer)
+    else:
+        trainer = CPUAMPTrainer(model, data_loader, optimizer)
+    if output_dir is not None:
+        trainer.checkpointer = TOODCheckpointer(model, output_dir, trainer=trainer if state is None else state)
+    return trainer
 
 
 def add_gradient_clipping(optimizer, max_norm: float, norm_type: float = 2.0):

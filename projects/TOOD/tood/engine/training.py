@@ -1,5 +1,5 @@
 """Training and evaluation from a LazyConfig: what Detectron2's ``tools/lazyconfig_train_net.py`` does, plus TOOD's
-options and checks. ``tools/train_net.py`` parses the command line and calls these.
+options and checks. ``tools/train_net.py`` reaches these through :mod:`tood.engine.launcher`.
 
 Config keys beyond Detectron2's ``common/train.py`` (configs/common/train.py):
 
@@ -21,24 +21,18 @@ and data stream.
 
 import inspect
 import logging
-from datetime import timedelta
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import TOODCheckpointer, check_weights_file
-from ..compat import launch
-from ..data.checks import register_checked_coco
+from ..checkpoint import last_checkpoint, load_trained_model, load_weights, saved_iteration
+from .arguments import register_coco_datasets
 from .config_checks import (
-    ConfigKeyError,
-    ConfigValueError,
-    PreflightError,
     check_num_classes,
     check_override_keys,
     check_schedule,
@@ -50,55 +44,15 @@ from .config_checks import (
 from .train_loop import add_gradient_clipping, build_trainer, choose_precision, inference_autocast
 
 __all__ = [
-    "add_register_coco_argument",
-    "argument_parser",
     "do_test",
     "do_train",
-    "launch_from_args",
+    "evaluate_checkpoint",
     "load_config",
-    "main",
-    "register_coco_datasets",
     "scale_learning_rate",
     "setup",
 ]
 
 logger = logging.getLogger("detectron2")
-
-
-def register_coco_datasets(specs):
-    """Registers each ``(name, json_file, image_root)`` as a checked COCO instances dataset (``--register-coco``); a
-    name already registered with the same files is left as it is."""
-    for name, json_file, image_root in specs or ():
-        metadata = MetadataCatalog.get(name)
-        registered = name in DatasetCatalog.list()
-        if not (registered and metadata.get("json_file") == json_file and metadata.get("image_root") == image_root):
-            register_checked_coco(name, json_file, image_root)
-
-
-def add_register_coco_argument(parser, help="register a COCO-format dataset under NAME before building the config"):
-    """``--register-coco NAME JSON IMAGE_ROOT`` (repeatable), read by :func:`register_coco_datasets`."""
-    parser.add_argument(
-        "--register-coco",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help=help + " (repeatable)",
-    )
-
-
-def argument_parser(epilog=None):
-    """Detectron2's ``default_argument_parser`` plus ``--register-coco`` and ``--dist-timeout``."""
-    parser = default_argument_parser(epilog=epilog)
-    add_register_coco_argument(parser)
-    parser.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=1800,
-        metavar="SECONDS",
-        help="with several processes: how long a collective waits for a worker before the run fails",
-    )
-    return parser
 
 
 def load_config(args, configure=None):
@@ -202,12 +156,9 @@ def do_train(args, cfg, extra_hooks=()):
     if cfg.train.clip_grad.enabled:
         add_gradient_clipping(optimizer, cfg.train.clip_grad.max_norm, cfg.train.clip_grad.norm_type)
 
-    checkpointer = TOODCheckpointer(model, cfg.train.output_dir)
-    resuming = args.resume and checkpointer.has_checkpoint()
-    if resuming:
-        _continue_data_stream(cfg, checkpointer.last_iteration() + 1)
-    else:
-        check_weights_file(cfg.train.init_checkpoint, training=True)
+    resumed = last_checkpoint(cfg.train.output_dir) if args.resume else ""
+    if resumed:
+        _continue_data_stream(cfg, saved_iteration(resumed) + 1)
     train_loader = instantiate(cfg.dataloader.train)
     check_num_classes(cfg, cfg.dataloader.train.dataset.names)
 
@@ -217,10 +168,10 @@ def do_train(args, cfg, extra_hooks=()):
     model = create_ddp_model(model, **ddp)
     amp, precision = choose_precision(cfg.train.amp.get("enabled"), cfg.train.device)
     logger.info(f"Training precision: {precision}")
-    trainer = build_trainer(model, train_loader, optimizer, amp=amp, device=cfg.train.device)
-    trainer.checkpointer = checkpointer
-    # The trainer's state holds the optimizer, the LR scheduler and AMP's grad scaler.
-    checkpointer.add_checkpointable("trainer", trainer)
+    trainer = build_trainer(
+        model, train_loader, optimizer, amp=amp, device=cfg.train.device, output_dir=cfg.train.output_dir
+    )
+    checkpointer = trainer.checkpointer
 
     last_results = {}
 
@@ -242,7 +193,7 @@ def do_train(args, cfg, extra_hooks=()):
         ]
     )
 
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    resuming = load_weights(checkpointer, cfg.train.init_checkpoint, resume=args.resume)
     # A checkpoint stores the iteration that had just finished.
     start_iter = trainer.iter + 1 if resuming else 0
     trainer.train(start_iter, cfg.train.max_iter)
@@ -254,44 +205,5 @@ def evaluate_checkpoint(args, cfg):
     ``train.output_dir``), which must fit it exactly, evaluated."""
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
-    checkpointer = TOODCheckpointer(model, cfg.train.output_dir, strict=True)
-    if not (args.resume and checkpointer.has_checkpoint()):
-        check_weights_file(cfg.train.init_checkpoint, training=False)
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    load_trained_model(model, cfg.train.init_checkpoint, save_dir=cfg.train.output_dir, resume=args.resume)
     return do_test(cfg, model)
-
-
-def main(args):
-    """``tools/train_net.py``: trains, or with ``--eval-only`` evaluates, the model of ``args.config_file``: a
-    LazyConfig here, a YAML config of Detectron2's yacs system with :func:`tood.engine.defaults.main_yaml`."""
-    from .defaults import is_yacs_config, main_yaml  # defaults.py imports this module
-
-    if is_yacs_config(args.config_file):
-        return main_yaml(args)
-    cfg = setup(args)
-    return evaluate_checkpoint(args, cfg) if args.eval_only else do_train(args, cfg)
-
-
-def launch_from_args(main_func, args):
-    """Runs ``main_func(args)`` in the processes that ``--num-gpus``, ``--num-machines`` etc. ask for.
-
-    A LazyConfig run is checked here first, once (:func:`load_config`): a run that cannot start (missing data or
-    weights, an unknown key, a schedule that makes no sense) ends with its reasons and remedies, without a traceback,
-    before any process starts.
-    """
-    from .defaults import is_yacs_config  # defaults.py imports this module
-
-    if not is_yacs_config(args.config_file):
-        try:
-            load_config(args)
-        except (PreflightError, ConfigKeyError, ConfigValueError) as e:
-            raise SystemExit(f"error: {e}") from None
-    launch(
-        main_func,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-        timeout=timedelta(seconds=args.dist_timeout),
-    )
