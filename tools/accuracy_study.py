@@ -22,14 +22,11 @@ Examples::
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
-import tood  # noqa: E402,F401  registers TOOD's meta-architecture, config resolvers and generated datasets
-from studies.accuracy import Detector, run_protocol  # noqa: E402
+import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
+from studies.accuracy import Detector, run_protocol
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TOOD = os.path.join(CONFIGS, "quickstart_shapes.py")

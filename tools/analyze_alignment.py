@@ -22,14 +22,12 @@ Examples::
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
-import tood  # noqa: E402,F401  registers TOOD's meta-architecture, config resolvers and generated datasets
-from studies.alignment_report import alignment_report  # noqa: E402
+import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
+from studies.alignment_report import alignment_report
 
 
 def parse_compare(spec):

@@ -29,17 +29,15 @@ Examples::
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
-import tood  # noqa: E402,F401  registers TOOD's meta-architecture and config resolvers
-from benchmarks import image_size  # noqa: E402
-from benchmarks.assigner import assigner_table  # noqa: E402
-from benchmarks.detectors import RETINANET_CONFIG, compare_with_retinanet  # noqa: E402
-from benchmarks.profiling import profile_models  # noqa: E402
+import tood  # noqa: F401  registers TOOD's meta-architecture and config resolvers
+from benchmarks import image_size
+from benchmarks.assigner import assigner_table
+from benchmarks.detectors import RETINANET_CONFIG, compare_with_retinanet
+from benchmarks.profiling import profile_models
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tood_R_50_1x.py"
 

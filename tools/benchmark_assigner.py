@@ -16,13 +16,10 @@ Examples::
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
-from benchmarks.assigner import assigner_table  # noqa: E402
+from benchmarks.assigner import assigner_table
 
 
 def argument_parser():

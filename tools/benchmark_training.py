@@ -20,15 +20,12 @@ Examples::
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ and studies/
-import tood  # noqa: E402,F401  registers TOOD's meta-architecture and config resolvers
-from benchmarks import image_size  # noqa: E402
-from benchmarks.training import training_speed_table, training_variants  # noqa: E402
+import tood  # noqa: F401  registers TOOD's meta-architecture and config resolvers
+from benchmarks import image_size
+from benchmarks.training import training_speed_table, training_variants
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart_shapes.py"
