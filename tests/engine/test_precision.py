@@ -13,7 +13,7 @@ from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
 
 from tests.conftest import REPO_ROOT, WITHOUT_AVX512
-from tood.engine.train_loop import CPUAMPTrainer, choose_precision, cpu_bfloat16_units, inference_autocast
+from tood.engine.train_loop import build_trainer, choose_precision, cpu_bfloat16_units, inference_autocast
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_bfloat16_training_learns():
             {"image": torch.randint(0, 255, (3, 96, 96), generator=g, dtype=torch.uint8), "instances": instances}
         )
     cfg.optimizer.params.model = model
-    trainer = CPUAMPTrainer(model, itertools.repeat(batch), instantiate(cfg.optimizer))
+    trainer = build_trainer(model, itertools.repeat(batch), instantiate(cfg.optimizer), amp=True, device="cpu")
     log = LossLog()
     trainer.register_hooks([log])
     trainer.train(0, 12)

@@ -1,6 +1,6 @@
-"""The inner training loops: Detectron2's SimpleTrainer / AMPTrainer with a finite-loss check, a bfloat16 CPU loop,
-and global gradient-norm clipping. Both training paths (LazyConfig: :func:`tood.engine.do_train`; YAML:
-:class:`tood.engine.Trainer`) run these."""
+"""The inner training loops: Detectron2's SimpleTrainer / AMPTrainer with a finite-loss check, AMP on any device
+(float16 with loss scaling, or bfloat16), and global gradient-norm clipping. Both training paths (LazyConfig:
+:func:`tood.engine.do_train`; YAML: :class:`tood.engine.Trainer`) run these."""
 
 import time
 from typing import Optional, Tuple
@@ -15,7 +15,6 @@ from detectron2.utils.events import get_event_storage
 from ..checkpoint import TOODCheckpointer
 
 __all__ = [
-    "CPUAMPTrainer",
     "choose_precision",
     "cpu_bfloat16_units",
     "inference_autocast",
@@ -62,7 +61,7 @@ class FiniteLossCheck:
     checkpointer = None
 
     def _write_metrics(self, loss_dict, data_time, prefix=""):
-        # Called by the run_step of SimpleTrainer, AMPTrainer and CPUAMPTrainer before the optimizer step.
+        # Called by the run_step of SimpleTrainer and CheckedAMPTrainer before the optimizer step.
         try:
             check_losses_finite(loss_dict, self.iter, self.checkpointer)
         except FloatingPointError:
@@ -78,31 +77,37 @@ class CheckedSimpleTrainer(FiniteLossCheck, SimpleTrainer):
 
 
 class CheckedAMPTrainer(FiniteLossCheck, AMPTrainer):
-    pass
+    """Detectron2's :class:`AMPTrainer` on any device, in float16 or bfloat16 (v0.6's runs on CUDA only).
 
-
-class CPUAMPTrainer(FiniteLossCheck, SimpleTrainer):
-    """:class:`SimpleTrainer` with the forward pass and losses under bfloat16 autocast on CPU.
-
-    Detectron2's AMPTrainer is CUDA-only (fp16, which needs loss scaling). bfloat16 keeps float32's exponent
-    range, so gradients are used as they are. On CPUs with bfloat16 instructions (AVX512-BF16, AMX) wide
-    convolutions run up to ~2x faster; narrow models such as the quick start's gain little.
+    The forward pass and the losses run under ``torch.autocast(device, precision)``; the step is AMPTrainer's. In
+    float16 (max 65504) the loss is scaled before the backward pass, and ``torch.amp.GradScaler`` unscales the
+    gradients, skips the step (and halves the scale) when any of them is inf or NaN, and updates the scale. bfloat16
+    keeps float32's exponent range: its scaler is disabled and the gradients are used as they are. On CPUs with
+    bfloat16 units (AVX512-BF16, AMX) wide convolutions run up to ~2x faster in bfloat16; narrow models such as the
+    quick start's gain little. float16 on a CPU is for checking the numerics of CUDA's recipe: it is emulated.
     """
 
+    def __init__(self, model, data_loader, optimizer, *, device="cuda", precision=torch.float16):
+        device_type = torch.device(device).type
+        scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler)
+        self.device_type, self.precision = device_type, precision
+
     def run_step(self):
-        assert self.model.training, "[CPUAMPTrainer] model was changed to eval mode!"
+        assert self.model.training, "[CheckedAMPTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=self.precision):
             loss_dict = self.model(data)
             losses = sum(loss_dict.values())
 
         self.optimizer.zero_grad()
-        losses.backward()
+        self.grad_scaler.scale(losses).backward()
         self._write_metrics(loss_dict, data_time)
-        self.optimizer.step()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
 
 def cpu_bfloat16_units() -> Tuple[str, ...]:
@@ -148,9 +153,18 @@ def inference_autocast(amp: Optional[bool], device="cpu"):
 
 
 def build_trainer(
-    model, data_loader, optimizer, *, amp: bool = False, device="cpu", output_dir: Optional[str] = None, state=None
+    model,
+    data_loader,
+    optimizer,
+    *,
+    amp: bool = False,
+    device="cpu",
+    precision: Optional[torch.dtype] = None,
+    output_dir: Optional[str] = None,
+    state=None,
 ) -> SimpleTrainer:
-    """The checked inner loop for ``device``: fp32; with ``amp``, fp16 + loss scaling on CUDA, bfloat16 on CPU.
+    """The checked inner loop for ``device``: fp32; with ``amp``, :class:`CheckedAMPTrainer` in ``precision``, by
+    default float16 with loss scaling on CUDA and bfloat16 on CPU.
 
     Args:
         output_dir: where the run's checkpoints go: the trainer gets its :class:`TOODCheckpointer` there
@@ -161,10 +175,10 @@ def build_trainer(
     """
     if not amp:
         trainer = CheckedSimpleTrainer(model, data_loader, optimizer)
-    elif torch.device(device).type == "cuda":
-        trainer = CheckedAMPTrainer(model, data_loader, optimizer)
     else:
-        trainer = CPUAMPTrainer(model, data_loader, optimizer)
+        if precision is None:
+            precision = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+        trainer = CheckedAMPTrainer(model, data_loader, optimizer, device=device, precision=precision)
     if output_dir is not None:
         trainer.checkpointer = TOODCheckpointer(model, output_dir, trainer=trainer if state is None else state)
     return trainer

@@ -3,8 +3,8 @@ options and checks. ``tools/train_net.py`` reaches these through :mod:`tood.engi
 
 Config keys beyond Detectron2's ``common/train.py`` (configs/common/train.py):
 
-* ``train.amp.enabled``: mixed precision; on CUDA Detectron2's AMPTrainer (fp16 + loss scaling), on CPU bfloat16
-  autocast (:class:`~tood.engine.train_loop.CPUAMPTrainer`); None chooses by the CPU
+* ``train.amp.enabled``: mixed precision (:class:`~tood.engine.train_loop.CheckedAMPTrainer`): on CUDA fp16 + loss
+  scaling, as Detectron2's AMPTrainer, on CPU bfloat16 autocast; None chooses by the CPU
   (:func:`~tood.engine.train_loop.choose_precision`: bfloat16 where it has bfloat16 units, float32 elsewhere), for
   training and, on CPU, for evaluation.
 * ``train.clip_grad``: ``enabled``, ``max_norm``, ``norm_type``: clip the global gradient norm before each step
