@@ -42,11 +42,16 @@ def tiny(tiny_shapes, tmp_path_factory):
     return config, register_coco_args(tiny_shapes, "tiny_train", "tiny_val")
 
 
-def run_train_net(tiny, *args):
-    """Runs tools/train_net.py with ``args`` (flags first, then key=value overrides)."""
+def train_net_command(tiny, *args):
+    """The command line of tools/train_net.py on the tiny setup with ``args`` (flags first, then key=value
+    overrides)."""
     config, register = tiny
-    cmd = [sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", config, *register, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    return [sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--config-file", config, *register, *args]
+
+
+def run_train_net(tiny, *args):
+    """Runs :func:`train_net_command` and returns its output; fails the test if the run fails."""
+    proc = subprocess.run(train_net_command(tiny, *args), capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     return output

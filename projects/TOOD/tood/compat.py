@@ -62,7 +62,14 @@ __all__ = ["MapDataset", "RETINANET_HEAD_GN", "common_optim", "has_compiled_ops"
 
 def _cpu_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout):
     rank = machine_rank * num_gpus_per_machine + local_rank
-    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
+    try:
+        dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=rank, timeout=timeout)
+    except dist.DistError as e:  # the store's host waited for the others in vain, or no host answered
+        raise RuntimeError(
+            f"Process {rank} of {world_size} did not meet the others at --dist-url {dist_url} within --dist-timeout "
+            f"({timeout.total_seconds():g} s): {e} Start every machine with the same --dist-url (an address of machine "
+            "0 that the others reach) and --num-machines, within --dist-timeout of each other."
+        ) from e
     for i in range(world_size // num_gpus_per_machine):
         ranks = list(range(i * num_gpus_per_machine, (i + 1) * num_gpus_per_machine))
         group = dist.new_group(ranks, timeout=timeout)
@@ -94,7 +101,9 @@ def _launch_without_cuda(
     """Detectron2's ``launch``; without CUDA, the same processes communicating over gloo.
 
     A worker that raises or dies ends the run (the others are stopped, and the error names the worker); ``timeout``
-    bounds how long a collective waits for a worker that neither answers nor dies (e.g. stuck, or on a lost machine).
+    bounds how long a collective waits for a worker that neither answers nor dies (e.g. stuck, or on a lost machine),
+    and how long the processes wait for each other at ``dist_url`` to start: a machine that never joins ends the
+    others with an error naming the URL.
     """
     world_size = num_machines * num_gpus_per_machine
     if torch.cuda.is_available() or world_size == 1:
