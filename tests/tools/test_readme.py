@@ -89,6 +89,14 @@ COVERAGE = {
         "tests/engine/test_schedule.py::test_reference_batch_size_scales_the_learning_rate",
         "tests/tools/test_train_net.py::test_two_cpu_processes_reproduce_one",
     ],
+    "tools/train_net.py [.py] --config-file --dist-url --machine-rank --num-gpus --num-machines : train.output_dir": [
+        "tests/tools/test_train_net_machines.py::test_two_machines_reproduce_one_process",
+        "tests/tools/test_train_net_machines.py::test_a_machine_that_never_joins_ends_the_other",
+    ],
+    "tools/gpu_check.py --output": [
+        "tests/tools/test_gpu_check.py::test_without_cuda_it_says_so_and_measures_nothing",
+        "tests/tools/test_gpu_check.py::test_measurements_run_on_cpu",
+    ],
     "tools/train_net.py [.py] --config-file --num-gpus --resume : train.output_dir": [
         HERE + "test_the_8_gpu_commands_set_up_the_reference_s_run",
         "tests/tools/test_train_net.py::test_train_checkpoint_evaluate_resume_and_eval_only",
