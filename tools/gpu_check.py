@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
+import tood  # noqa: F401  registers TOOD's meta-architecture and config resolvers
+from benchmarks import gpu
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # the checkout's benchmarks/
 REFERENCE_FILE = "tood_e2e_mmdet_seed0_astronaut.pt"
 ZOO_MEMORY_GB = 4.1  # mmdetection's TOOD R-50 1x: training memory per GPU at 2 images
 
@@ -72,9 +74,6 @@ def main(args):
     if not torch.cuda.is_available():
         print("No CUDA device here: tools/gpu_check.py measures nothing on this machine.")
         return 0
-    import tood  # noqa: F401  registers TOOD's meta-architecture and config resolvers
-    from benchmarks import gpu
-
     device = torch.device("cuda")
     config = str(REPO_ROOT / "configs" / "tood_R_50_1x.py")
     quick = str(REPO_ROOT / "configs" / "quickstart_shapes.py")

@@ -15,7 +15,9 @@ QUICK = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
 
 
 def run_gpu_check(cwd, *args):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, even on a machine that has one
+    # No GPU, even on a machine that has one; this checkout's benchmarks package, whichever checkout is installed.
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
     cmd = [sys.executable, str(REPO_ROOT / "tools" / "gpu_check.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
