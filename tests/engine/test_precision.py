@@ -13,7 +13,13 @@ from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
 
 from tests.conftest import REPO_ROOT, WITHOUT_AVX512
-from tood.engine.train_loop import build_trainer, choose_precision, cpu_bfloat16_units, inference_autocast
+from tood.engine.train_loop import (
+    CheckedAMPTrainer,
+    build_trainer,
+    choose_precision,
+    cpu_bfloat16_units,
+    inference_autocast,
+)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +130,21 @@ def test_avx2_mode_sees_no_bfloat16_units():
             False,
             False,
         )
+
+
+def test_a_run_without_a_scaler_resumes_under_mixed_precision():
+    """The state of a float32 run (no grad_scaler entry, as bfloat16 runs before the scaler) resumes in the mixed
+    precision loop with a fresh scale; a float16 run's scale is restored."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain = build_trainer(model, [], optimizer)
+    plain.iter = 7
+    for precision in (torch.bfloat16, torch.float16):
+        trainer = CheckedAMPTrainer(model, [], optimizer, device="cpu", precision=precision)
+        trainer.load_state_dict(plain.state_dict())
+        assert trainer.iter == 7
+    trainer.grad_scaler.scale(torch.ones(()))  # the scale exists from the first scaled loss on
+    trainer.grad_scaler.update(1024.0)
+    resumed = CheckedAMPTrainer(model, [], optimizer, device="cpu", precision=torch.float16)
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.grad_scaler.get_scale() == 1024.0

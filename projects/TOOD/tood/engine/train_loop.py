@@ -109,6 +109,14 @@ class CheckedAMPTrainer(FiniteLossCheck, AMPTrainer):
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 
+    def load_state_dict(self, state_dict):
+        # A checkpoint of a run without a scaler (float32, or bfloat16 before its loop had one) resumes with a fresh
+        # scale instead of failing on the missing entry.
+        if "grad_scaler" in state_dict:
+            super().load_state_dict(state_dict)
+        else:
+            SimpleTrainer.load_state_dict(self, state_dict)
+
 
 def cpu_bfloat16_units() -> Tuple[str, ...]:
     """The bfloat16 units of this CPU that PyTorch's oneDNN kernels use: "AVX512-BF16" and / or "AMX"; () if none.
