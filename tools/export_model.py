@@ -1,22 +1,24 @@
 #!/usr/bin/env python
-"""Export TOOD to ONNX or TorchScript, then check the exported model against the PyTorch model.
+"""Export TOOD with torch.export (ONNX, ExportedProgram, AOTInductor), then check the exported model against the
+PyTorch model.
 
-Detectron2's tools/deploy/export_model.py for LazyConfig files, with one export method (tracing; the design is in
-projects/TOOD/tood/export.py). The output folder holds the model (model.onnx or model.ts) and tood_export.json
-(input format, output names, post-processing thresholds), which ``tood.export.ExportedTOOD`` reads.
+Detectron2's tools/deploy/export_model.py for LazyConfig files, with one export method (``torch.export``; the design
+is in projects/TOOD/tood/export.py). The output folder holds the model (model.onnx, model.pt2 or model_aoti.pt2)
+and tood_export.json (input size and padding, output names, post-processing thresholds), which
+``tood.export.ExportedTOOD`` reads. The aoti format compiles C++ and needs a C++ compiler.
 
-Verification: the exported model (ONNX Runtime on CPU, or the TorchScript module) runs on the sample images
-(default: the first --num-images images of the generated shapes validation split), resized as the config's test
-loader resizes, followed by ``tood.export.postprocess``; its detections must equal the PyTorch model's: same count
-and classes, boxes within 0.01 px, scores within 1e-4 (per image, with the largest deviation of the dense
-outputs). Then the median latency of both, end to end (post-processing included), on the first image with the
-same number of CPU threads. Exit status 1 when the detections differ.
+Verification: the exported model (ONNX Runtime on CPU, the ExportedProgram in PyTorch, or the AOTInductor package)
+runs on the sample images (default: the first --num-images images of the generated shapes validation split),
+resized as the config's test loader resizes, followed by ``tood.export.postprocess``; its detections must equal
+the PyTorch model's: same count and classes, boxes within 0.01 px, scores within 1e-4 (per image, with the largest
+deviation of the dense outputs). Then the median latency of both, end to end (post-processing included), on the
+first image with the same number of CPU threads. Exit status 1 when the detections differ.
 
 Examples::
 
-    tools/export_model.py --config-file configs/tood_R_50_1x.py --format onnx --output output/export/onnx \\
+    tools/export_model.py --config-file configs/tood_R_50_1x.py --output output/export/onnx \\
         --weights tood_R_50_1x.pth
-    tools/export_model.py --config-file configs/tood_R_50_1x.py --format torchscript --output output/export/ts \\
+    tools/export_model.py --config-file configs/tood_R_50_1x.py --format pt2 --output output/export/pt2 \\
         --weights tood_R_50_1x.pth --sample-image photo.jpg --threads 4
     tools/export_model.py --config-file configs/tood_R_50_1x.py --format onnx --fixed-size --output out \\
         --weights tood_R_50_1x.pth dataloader.test.mapper.augmentations.0.short_edge_length=512
@@ -34,9 +36,11 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ beside tools/
 import tood  # noqa: E402,F401  registers TOOD's config resolvers and generated datasets
 from benchmarks.timing import median_times  # noqa: E402
+from tood.data import DEFAULT_SPLITS, get_shapes_dataset  # noqa: E402
 from tood.export import FORMATS, export_and_verify  # noqa: E402
 
 logger = logging.getLogger("tood.export")
+RUNTIMES = {"onnx": "ONNX Runtime", "pt2": "ExportedProgram", "aoti": "AOTInductor"}
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -44,7 +48,7 @@ def argument_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig of the model")
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS), help="output format")
+    parser.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="output format (default: onnx)")
     parser.add_argument("--output", required=True, help="folder to write the exported model into")
     parser.add_argument("--weights", help="checkpoint to load (DetectionCheckpointer); random init without it")
     parser.add_argument(
@@ -52,13 +56,13 @@ def argument_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="IMG",
-        help="image to trace and verify on; repeat for more (the first one is traced)",
+        help="image to export on and verify on; repeat for more (the first one is the export's example)",
     )
     parser.add_argument(
         "--num-images", type=int, default=2, help="generated images to verify on, without --sample-image"
     )
     parser.add_argument(
-        "--fixed-size", action="store_true", help="ONNX: accept only the traced image's size (default: any size)"
+        "--fixed-size", action="store_true", help="accept only the first image's padded size (default: any size)"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of both runtimes")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per runtime (the median is reported)")
@@ -66,20 +70,28 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sample_images(args) -> list:
+    """The paths of --sample-image, or of the first --num-images generated validation images."""
+    if args.sample_image:
+        return args.sample_image
+    folder = get_shapes_dataset(args.num_images, seed=DEFAULT_SPLITS["tood_shapes_val"][1])
+    return sorted(str(p) for p in (folder / "images").iterdir())[: args.num_images]
+
+
 def main(args) -> dict:
-    """Exports, verifies and times; returns ``{"path", "ok", "latency_ms": {"pytorch": ms, format: ms}}``."""
+    """Exports, verifies and times; returns ``{"path", "ok", "export_s", "latency_ms"}``, the latency as
+    ``{"pytorch": ms, format: ms}``."""
     result = export_and_verify(
         LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts),
         args.format,
         args.output,
+        sample_images(args),
         weights=args.weights,
-        image_paths=args.sample_image,
-        num_generated=args.num_images,
         dynamic=not args.fixed_size,
         num_threads=args.threads,
     )
-    # End to end, post-processing included, on the first image; 2 warm-up calls (TorchScript optimises its graph
-    # in its first runs, ONNX Runtime allocates its buffers).
+    # End to end, post-processing included, on the first image; 2 warm-up calls (ONNX Runtime allocates its
+    # buffers, PyTorch its caches).
     image = result.images[0][1]
     with torch.no_grad():
         seconds = median_times(
@@ -88,13 +100,14 @@ def main(args) -> dict:
             warmup=2,
         )
     latency = {name: 1000 * s for name, s in seconds.items()}
-    runtime = "ONNX Runtime" if args.format == "onnx" else "TorchScript"
+    runtime = RUNTIMES[args.format]
     logger.info(
         f"Latency, median of {args.runs} runs, {torch.get_num_threads()} CPU threads, "
         f"{image.shape[1]}x{image.shape[2]} input, end to end: PyTorch {latency['pytorch']:.1f} ms, "
-        f"{runtime} {latency[args.format]:.1f} ms (speed-up {latency['pytorch'] / latency[args.format]:.2f}x)"
+        f"{runtime} {latency[args.format]:.1f} ms (speed-up {latency['pytorch'] / latency[args.format]:.2f}x); "
+        f"export took {result.export_seconds:.1f} s"
     )
-    return {"path": result.path, "ok": result.ok, "latency_ms": latency}
+    return {"path": result.path, "ok": result.ok, "export_s": result.export_seconds, "latency_ms": latency}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Export to ONNX (run by ONNX Runtime) and TorchScript: the exported models give the PyTorch model's detections.
+"""Export with torch.export (ExportedProgram, ONNX run by ONNX Runtime, AOTInductor): the exported models give the
+PyTorch model's detections at sizes they were not exported at.
 
 Test setup for random weights: their scores sit near the 0.01 prior, below the 0.05 threshold, thousands of them
 within 1e-6 of each other, where the ~1e-7 float differences between runtimes reorder them (and so change what NMS
@@ -12,6 +13,7 @@ from typing import List
 import onnx
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import Boxes, Instances
@@ -22,8 +24,10 @@ from tood.export import (
     ONNX_OPSET,
     ExportedTOOD,
     PostprocessParams,
+    TOODExportWrapper,
     detection_deviations,
     export_model,
+    pad_image,
 )
 
 BOX_ATOL_PX = 0.01
@@ -92,31 +96,35 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(image_folder):
-    """Two generated images cropped to 250x320: 250 is not a multiple of 32, so the graph pads."""
+    """Two generated images cropped to 250x320 and 200x288: neither a multiple of 32 in height, so the model pads
+    (to 256x320 and 224x288); both differ from the 320x320 of the tool's sample image."""
+    crops = [(250, 320), (200, 288)]
     return [
         torch.as_tensor(
-            read_image(str(image_folder / f"00000{i}.jpg"), format="RGB")[:250].transpose(2, 0, 1).copy()
+            read_image(str(image_folder / f"00000{i}.jpg"), format="RGB")[:h, :w].transpose(2, 0, 1).copy()
         ).float()
-        for i in range(2)
+        for i, (h, w) in enumerate(crops)
     ]
 
 
 @pytest.fixture(scope="module")
 def r50_exports(images, tmp_path_factory):
-    """The R-50 anchor-free config as it is, exported as a fixed-size ONNX model and as TorchScript."""
+    """The R-50 anchor-free config as it is, exported as a fixed-size ONNX model and as a dynamic-size
+    ExportedProgram."""
     model = build_model("tood_R_50_1x.py")
     folder = tmp_path_factory.mktemp("r50")
     export_model(model, images[0], str(folder / "onnx"), "onnx", dynamic=False)
-    export_model(model, images[0], str(folder / "ts"), "torchscript")
+    export_model(model, images[1], str(folder / "pt2"), "pt2")
     return model, folder
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["onnx", "ts"])
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_r50_anchor_free_matches_pytorch(r50_exports, images, fmt):
     model, folder = r50_exports
     exported = ExportedTOOD(str(folder / fmt), num_threads=torch.get_num_threads())
-    for image in images:
+    # The fixed-size ONNX model at its own size; the ExportedProgram at the other one too.
+    for image in images[: 1 if fmt == "onnx" else 2]:
         check_exported(model, exported, image)
 
 
@@ -124,45 +132,66 @@ def test_r50_anchor_free_matches_pytorch(r50_exports, images, fmt):
 def test_fixed_size_onnx_accepts_only_its_size(r50_exports, images):
     _, folder = r50_exports
     graph = onnx.load(str(folder / "onnx" / "model.onnx")).graph
-    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [3, 250, 320]
-    with pytest.raises(ValueError, match="exported for 250x320"):
-        ExportedTOOD(str(folder / "onnx"))(images[1][:, :224])
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [3, 256, 320]
+    exported = ExportedTOOD(str(folder / "onnx"))
+    exported.run(images[0][:, :230])  # also pads to 256x320
+    with pytest.raises(ValueError, match="padded to 256x320"):
+        exported(images[1])
 
 
 @pytest.mark.slow
 def test_anchor_based_dynamic_size(images, tmp_path):
-    """One exported graph, traced at 250x320, serves a 224x320 image too (other level sizes, other priors)."""
+    """One exported graph, exported on a 250x320 image, serves a 200x288 image too (other level sizes, other
+    priors)."""
     model = build_model("tood_R_50_anchor_based_1x.py", *NARROW_HEAD)
     assert model.head.anchor_type == "anchor_based"
-    export_model(model, images[0], str(tmp_path / "onnx"), "onnx", dynamic=True)
-    export_model(model, images[0], str(tmp_path / "ts"), "torchscript")
+    export_model(model, images[0], str(tmp_path / "onnx"), "onnx")
+    export_model(model, images[0], str(tmp_path / "pt2"), "pt2")
     onnx_model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
-    assert [d.dim_param or d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim] == [
-        3,
-        "height",
-        "width",
-    ]
+    dims = [d.dim_param or d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == 3 and all(isinstance(d, str) for d in dims[1:]), dims
     assert onnx_model.opset_import[0].version == ONNX_OPSET
     assert "GridSample" in {node.op_type for node in onnx_model.graph.node}  # the box alignment is in the graph
-    for fmt in ("onnx", "ts"):
+    for fmt in ("onnx", "pt2"):
         exported = ExportedTOOD(str(tmp_path / fmt))
-        for image in (images[0], images[1][:, :224]):
+        for image in images:
             check_exported(model, exported, image)
+        # The coarsest level (stride 128) needs 2 cells: 160 px.
+        with pytest.raises(ValueError, match="160 px or more"):
+            exported(images[1][:, :128])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_and_verify(image_folder, tmp_path, fmt):
-    """What tools/export_model.py runs, on the quick-start model: exports, verifies against PyTorch, times both."""
+@pytest.mark.parametrize("fmt", ["onnx", "pt2", "aoti"])
+def test_export_and_verify(image_folder, images, tmp_path, fmt):
+    """What tools/export_model.py runs, on the quick-start model: exports on a 320x320 image, verifies against
+    PyTorch, times both. The test then compares the written model's detections with PyTorch's itself, at two sizes
+    the export did not see."""
+    model = build_model("quickstart_shapes.py")
+    weights = str(tmp_path / "weights.pth")
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("weights")
+    sample = image_folder / "000000.jpg"
+    # The tool's own verification on the sample image, with a threshold that separates its scores.
+    sample_image = torch.as_tensor(read_image(str(sample), format="RGB").transpose(2, 0, 1).copy()).float()
+    assert sample_image.shape[-2:] == (320, 320)
+    with torch.no_grad():
+        dense = TOODExportWrapper(model)(pad_image(sample_image, 32, model.pixel_mean.flatten().tolist()))
+    threshold = separating_threshold(list(dense[: len(dense) // 2]))
+
     tool = load_tool("export_model")
     config = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
-    image = str(image_folder / "000000.jpg")
-    args = ["--config-file", config, "--format", fmt, "--output", str(tmp_path), "--sample-image", image, "--runs", "2"]
+    output = tmp_path / "export"
+    args = ["--config-file", config, "--format", fmt, "--output", str(output), "--sample-image", str(sample)]
+    args += ["--weights", weights, "--runs", "2", f"model.test_score_thresh={threshold}"]
     report = tool.main(tool.argument_parser().parse_args(args))
     assert report["ok"]
-    assert report["path"] == str(tmp_path / ("model.onnx" if fmt == "onnx" else "model.ts"))
+    assert report["path"] == str(output / {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2"}[fmt])
     assert set(report["latency_ms"]) == {"pytorch", fmt} and min(report["latency_ms"].values()) > 0
-    assert (tmp_path / "tood_export.json").is_file()
+    assert report["export_s"] > 0
+
+    exported = ExportedTOOD(str(output))
+    for image in images:
+        check_exported(model, exported, image)
 
 
 def test_detection_deviations_pairs_by_class_and_box():

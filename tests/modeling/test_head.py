@@ -1,6 +1,5 @@
 """T-Head: parity with mmdetection 3.3's TOODHead (oracle), its building blocks, weight mapping and init."""
 
-import io
 import itertools
 import math
 
@@ -225,10 +224,11 @@ def test_align_boxes_exports_as_standard_ops():
 
 
 def test_align_boxes_onnx_export():
-    onnx = pytest.importorskip("onnx")
-    f = io.BytesIO()
-    torch.onnx.export(_Align(), (torch.randn(1, 4, 5, 6), torch.randn(1, 8, 5, 6)), f, dynamo=False, opset_version=16)
-    assert "GridSample" in {node.op_type for node in onnx.load_from_string(f.getvalue()).graph.node}
+    pytest.importorskip("onnxscript")  # torch's ONNX exporter
+    program = torch.onnx.export(
+        _Align().eval(), (torch.randn(1, 4, 5, 6), torch.randn(1, 8, 5, 6)), dynamo=True, verbose=False
+    )
+    assert "GridSample" in {node.op_type for node in program.model_proto.graph.node}
 
 
 def test_sigmoid_geometric_mean_gradient():
@@ -259,14 +259,22 @@ def test_sigmoid_geometric_mean_gradient_finite_where_product_is_zero():
     assert not torch.isfinite(plain_grads[0][0])  # why the analytic gradient is needed
 
 
+class _GeometricMean(nn.Module):
+    def forward(self, logits, m):
+        return sigmoid_geometric_mean(logits, m)
+
+
 def test_sigmoid_geometric_mean_is_plain_when_no_gradient_is_taken():
     a, b = torch.randn(3, 4), torch.randn(3, 1)
-    graph = str(torch.jit.trace(sigmoid_geometric_mean, (a, b)).graph)
-    assert "PythonOp" not in graph and "aten::sqrt" in graph
-    scripted = torch.jit.script(sigmoid_geometric_mean)
-    torch.testing.assert_close(scripted(a, b), (a.sigmoid() * b.sigmoid()).sqrt())
+    with torch.no_grad():
+        program = torch.export.export(_GeometricMean(), (a, b))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.sqrt.default" in targets and all(t.startswith("aten.") for t in targets), targets
+    torch.testing.assert_close(program.module()(a, b), (a.sigmoid() * b.sigmoid()).sqrt())
     with torch.no_grad():
         assert sigmoid_geometric_mean(a.requires_grad_(), b).grad_fn is None
+    # With a gradient to take, the analytic-gradient function.
+    assert type(sigmoid_geometric_mean(a, b).grad_fn).__name__ == "_SigmoidGeometricMeanBackward"
 
 
 def _delta_xywh_scalar(anchor, delta):

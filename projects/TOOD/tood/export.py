@@ -1,24 +1,35 @@
-"""Export TOOD for deployment (TorchScript, ONNX) and run the exported model with TOOD's own post-processing.
+"""Export TOOD for deployment with ``torch.export`` (ExportedProgram, ONNX, AOTInductor) and run the exported model
+with TOOD's own post-processing.
 
-The exported graph is the dense part of inference: image -> normalise, pad -> backbone, FPN -> T-Head with its
+The exported graph is the dense part of inference: padded image -> normalise -> backbone, FPN -> T-Head with its
 probability and box alignment -> per-level aligned scores and boxes in pixels. The sparse part (score threshold,
 per-level top-k, class-wise NMS, max detections) stays in Python, in :func:`postprocess`, which runs
 :func:`tood.meta_arch.postprocess_detections`, the function the PyTorch model runs. That split gives the PyTorch
-model's detections exactly, on both runtimes: the graph holds only fixed-shape dense ops whose outputs match
+model's detections exactly, on every runtime: the graph holds only fixed-shape dense ops whose outputs match
 PyTorch to float round-off, while a threshold, a data-dependent top-k and an in-graph NMS (ONNX
 ``NonMaxSuppression``) would each need a second implementation of the post-processing with its own tie-breaking,
-IoU rounding and class-wise semantics, and a trace would freeze ``min(topk, number kept)`` to the example's value.
+IoU rounding and class-wise semantics.
 
-Both formats come from one mechanism, ``torch.jit.trace``: TorchScript is the trace, ONNX is the TorchScript-based
-exporter (``torch.onnx.export(..., dynamo=False)``, opset :data:`ONNX_OPSET`; ``GridSample``, the box alignment,
-needs opset >= 16). The newer ``torch.export``-based ONNX exporter fails on Detectron2 0.6's ``ImageList`` padding
-(data-dependent sizes) and took 4x longer where the padding was rewritten for it.
+Padding happens outside the graph, in :func:`pad_image`: Detectron2's ``ImageList.from_tensors`` computes the padded
+size from tensor values, which ``torch.export`` cannot keep symbolic. The graph takes an image whose height and
+width are multiples of the backbone's ``size_divisibility`` (``torch.export.Dim`` times the divisibility), so that
+every feature size is plain integer arithmetic on two symbols. The image is padded with the pixel mean, which is 0
+after normalisation: the tensor the PyTorch model pads with zeros after normalising, value for value.
 
-Input size: the TorchScript module and a ``dynamic=True`` ONNX model take any H, W (the trace records the shape
-arithmetic of padding, feature sizes and priors); a ``dynamic=False`` ONNX model takes only the example's size.
+All formats come from one ``torch.export.export`` of :class:`TOODExportWrapper`:
+
+- ``pt2``: the ExportedProgram itself (``torch.export.save``), run by PyTorch.
+- ``onnx``: ``torch.onnx.export(program, dynamo=True)``, opset :data:`ONNX_OPSET` (``GridSample``, the box alignment,
+  needs opset >= 16), run by ONNX Runtime.
+- ``aoti``: the program compiled ahead of time by AOTInductor into a package of a shared library (needs a C++
+  compiler), run by ``torch._inductor.aoti_load_package``.
+
+Input size: by default any height and width at least :func:`min_input_size` after padding (``torch.export`` takes a
+dynamic size to be at least 2, which the coarsest level's size must then be); ``dynamic=False`` gives a model of
+the example's padded size only.
 
 :func:`export_and_verify` (``tools/export_model.py``) exports a LazyConfig model, then checks the exported model's
-detections against the PyTorch model's (:func:`verify_export`).
+detections against the PyTorch model's on images its caller gives (:func:`verify_export`).
 """
 
 import dataclasses
@@ -38,7 +49,6 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
-from .data import DEFAULT_SPLITS, get_shapes_dataset
 from .meta_arch import TOOD, postprocess_detections
 
 __all__ = [
@@ -54,6 +64,8 @@ __all__ = [
     "detection_deviations",
     "export_and_verify",
     "export_model",
+    "min_input_size",
+    "pad_image",
     "postprocess",
     "verification_images",
     "verify_export",
@@ -61,22 +73,24 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ONNX_OPSET = 17
+# The opset torch 2.15's exporter writes by default (no version conversion).
+ONNX_OPSET = 20
 # format -> file written into the output folder.
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
-# What a runtime needs besides the graph: format, input, output names, post-processing thresholds.
+FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2"}
+# What a runtime needs besides the graph: format, input size and padding, output names, post-processing thresholds.
 METADATA_FILE = "tood_export.json"
+# Largest padded height or width a dynamic-size model accepts.
+MAX_INPUT_SIZE = 4096
 # How far the exported model's detections may be from the PyTorch model's (:func:`verify_export`).
 BOX_TOLERANCE_PX = 0.01
 SCORE_TOLERANCE = 1e-4
 
 
 class TOODExportWrapper(nn.Module):
-    """The traceable part of :class:`TOOD` inference, from one image to dense per-level detections.
+    """The exportable part of :class:`TOOD` inference, from one padded image to dense per-level detections.
 
-    Input ``image``: (3, H, W) float32, pixel values 0-255 in the model's ``input_format`` (RGB for TOOD's configs):
-    the ``"image"`` of a Detectron2 model input. Any H, W: the graph normalises it and zero-pads it to a multiple
-    of the backbone's ``size_divisibility`` with :meth:`TOOD.preprocess_image`.
+    Input ``image``: (3, H, W) float32, pixel values 0-255 in the model's ``input_format`` (RGB for TOOD's configs),
+    padded by :func:`pad_image`: H and W multiples of the backbone's ``size_divisibility``.
 
     Outputs (:attr:`output_names`): for each level ``l`` of ``head_in_features`` (p3..p7), ``scores_l``
     (Hl * Wl, K), the aligned probabilities; then for each level ``boxes_l`` (Hl * Wl, 4), the aligned boxes xyxy
@@ -92,10 +106,26 @@ class TOODExportWrapper(nn.Module):
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         model = self.model
-        images = model.preprocess_image([{"image": image}])
-        features = model.backbone(images.tensor)
+        features = model.backbone(((image - model.pixel_mean) / model.pixel_std)[None])
         scores, boxes = model.level_predictions(model.head([features[f] for f in model.head_in_features]))
         return tuple(x[0] for x in scores + boxes)
+
+
+def pad_image(image: Tensor, size_divisibility: int, pixel_mean: Sequence[float]) -> Tensor:
+    """(3, H, W) image -> (3, H', W') with H', W' the next multiples of ``size_divisibility``, the new pixels set to
+    ``pixel_mean``: zero after normalisation, as ``ImageList.from_tensors`` pads the normalised image."""
+    div = max(size_divisibility, 1)
+    h, w = image.shape[-2:]
+    padded = torch.as_tensor(pixel_mean, dtype=image.dtype).view(-1, 1, 1)
+    padded = padded.expand(-1, -(-h // div) * div, -(-w // div) * div).clone()
+    padded[:, :h, :w] = image
+    return padded
+
+
+def min_input_size(model: TOOD) -> int:
+    """Smallest padded height and width of a dynamic-size export: the coarsest level must have 2 cells or more."""
+    div = max(model.backbone.size_divisibility, 1)
+    return (max(model.head.strides) // div + 1) * div
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,12 +170,14 @@ def postprocess(
 
 
 def export_model(model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic: bool = True) -> str:
-    """Traces ``model`` (put in eval mode) on ``image`` and writes it with its metadata into ``output_dir``.
+    """Exports ``model`` (put in eval mode) with ``torch.export`` on ``image`` and writes it with its metadata into
+    ``output_dir``.
 
     Args:
-        image: (3, H, W) example input, see :class:`TOODExportWrapper`.
-        fmt: "onnx" or "torchscript".
-        dynamic: ONNX only: accept any H, W rather than the example's (TorchScript always does).
+        image: (3, H, W) example input, unpadded, see :class:`TOODExportWrapper`.
+        fmt: one of :data:`FORMATS`.
+        dynamic: accept any padded size from :func:`min_input_size` to :data:`MAX_INPUT_SIZE` rather than the
+            example's.
 
     Returns:
         Path of the model file, ``output_dir/`` + ``FORMATS[fmt]``.
@@ -155,27 +187,39 @@ def export_model(model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic:
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, FORMATS[fmt])
     wrapper = TOODExportWrapper(model).eval()
+    div = max(model.backbone.size_divisibility, 1)
+    example = pad_image(image, div, model.pixel_mean.flatten().tolist())
+    dynamic_shapes = None
+    if dynamic:
+        # Sizes as multiples of the divisibility keep every level's size an integer expression of two symbols.
+        sizes = {"min": min_input_size(model) // div, "max": MAX_INPUT_SIZE // div}
+        dims = {1: div * torch.export.Dim("height", **sizes), 2: div * torch.export.Dim("width", **sizes)}
+        dynamic_shapes = {"image": dims}
     with torch.no_grad():
-        if fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(wrapper, (image,), check_trace=False), path)
-        else:
-            axes = {"image": {1: "height", 2: "width"}}
-            axes.update({name: {0: f"locations_{name.split('_', 1)[1]}"} for name in wrapper.output_names})
+        program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
+        if fmt == "pt2":
+            torch.export.save(program, path)
+        elif fmt == "onnx":
             torch.onnx.export(
-                wrapper,
-                (image,),
+                program,
+                (example,),
                 path,
-                dynamo=False,
+                dynamo=True,
                 opset_version=ONNX_OPSET,
                 input_names=["image"],
                 output_names=wrapper.output_names,
-                dynamic_axes=axes if dynamic else None,
+                external_data=False,
             )
+        else:
+            torch._inductor.aoti_compile_and_package(program, package_path=path)
     metadata = {
         "format": fmt,
         "opset": ONNX_OPSET if fmt == "onnx" else None,
-        # None: any size.
-        "input_size": None if fmt == "torchscript" or dynamic else list(image.shape[-2:]),
+        # Padded input: None for any size from min_input_size to MAX_INPUT_SIZE.
+        "input_size": None if dynamic else list(example.shape[-2:]),
+        "min_input_size": min_input_size(model) if dynamic else None,
+        "size_divisibility": div,
+        "pixel_mean": model.pixel_mean.flatten().tolist(),
         "input_format": model.input_format,
         "output_names": wrapper.output_names,
         "num_classes": model.num_classes,
@@ -187,7 +231,8 @@ def export_model(model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic:
 
 
 class ExportedTOOD:
-    """A folder written by :func:`export_model`, run by ONNX Runtime or TorchScript, then :func:`postprocess`.
+    """A folder written by :func:`export_model`, run by PyTorch, ONNX Runtime or AOTInductor, then
+    :func:`postprocess`.
 
     Example::
 
@@ -201,7 +246,7 @@ class ExportedTOOD:
         """
         Args:
             num_threads: ONNX Runtime's intra-op threads (one inter-op thread); default ONNX Runtime's choice.
-                TorchScript runs on ``torch.get_num_threads()`` threads.
+                The ``pt2`` and ``aoti`` formats run on ``torch.get_num_threads()`` threads.
             providers: ONNX Runtime execution providers.
         """
         with open(os.path.join(output_dir, METADATA_FILE)) as f:
@@ -217,19 +262,33 @@ class ExportedTOOD:
                 options.intra_op_num_threads = num_threads
                 options.inter_op_num_threads = 1
             self._session = ort.InferenceSession(path, options, providers=list(providers))
+        elif self.format == "pt2":
+            self._module = torch.export.load(path).module()
         else:
-            self._module = torch.jit.load(path)
+            self._module = torch._inductor.aoti_load_package(path)
+
+    def pad(self, image: Tensor) -> Tensor:
+        """(3, H, W) image -> the padded input of the graph (:func:`pad_image`); ValueError if the model does not
+        take its size."""
+        meta = self.metadata
+        padded = pad_image(image, meta["size_divisibility"], meta["pixel_mean"])
+        size, smallest = meta["input_size"], meta["min_input_size"]
+        if size is not None and list(padded.shape[-2:]) != size:
+            raise ValueError(
+                f"This model was exported for inputs padded to {size[0]}x{size[1]} only, got {tuple(image.shape)}"
+            )
+        if smallest is not None and min(padded.shape[-2:]) < smallest:
+            raise ValueError(f"This model takes inputs of {smallest} px or more per side, got {tuple(image.shape)}")
+        return padded
 
     def run(self, image: Tensor) -> List[Tensor]:
-        """(3, H, W) image -> the 2L dense outputs of :class:`TOODExportWrapper`."""
-        size = self.metadata["input_size"]
-        if size is not None and list(image.shape[-2:]) != size:
-            raise ValueError(f"This model was exported for {size[0]}x{size[1]} inputs only, got {tuple(image.shape)}")
+        """(3, H, W) image -> the 2L dense outputs of :class:`TOODExportWrapper` on the padded image."""
+        padded = self.pad(image)
         if self.format == "onnx":
-            outputs = self._session.run(None, {"image": np.ascontiguousarray(image.numpy(), dtype=np.float32)})
+            outputs = self._session.run(None, {"image": np.ascontiguousarray(padded.numpy(), dtype=np.float32)})
             return [torch.from_numpy(x) for x in outputs]
         with torch.no_grad():
-            return list(self._module(image))
+            return list(self._module(padded))
 
     def __call__(self, image: Tensor, output_size: Optional[Tuple[int, int]] = None) -> Instances:
         """(3, H, W) image -> Instances, see :func:`postprocess`."""
@@ -277,14 +336,9 @@ def build_model(cfg, weights: Optional[str] = None) -> TOOD:
     return model
 
 
-def verification_images(
-    cfg, input_format: str, paths: Sequence[str] = (), num_generated: int = 2
-) -> List[Tuple[str, Tensor]]:
-    """(path, (3, H, W) float32 image in ``input_format``) of each of ``paths``, or without them of the first
-    ``num_generated`` generated shapes images (validation seed), resized by the config's test-time augmentations."""
-    if not paths:
-        folder = get_shapes_dataset(num_generated, seed=DEFAULT_SPLITS["tood_shapes_val"][1])
-        paths = sorted(str(p) for p in (folder / "images").iterdir())[:num_generated]
+def verification_images(cfg, input_format: str, paths: Sequence[str]) -> List[Tuple[str, Tensor]]:
+    """(path, (3, H, W) float32 image in ``input_format``) of each of ``paths``, resized by the config's test-time
+    augmentations."""
     augmentations = T.AugmentationList(list(instantiate(cfg.dataloader.test.mapper.augmentations)))
     images = []
     for path in paths:
@@ -296,18 +350,19 @@ def verification_images(
 
 def verify_export(model: TOOD, exported: ExportedTOOD, images: Sequence[Tuple[str, Tensor]]) -> bool:
     """Whether the exported model's detections equal the PyTorch model's on each of ``images`` ((path, (3, H, W)),
-    a fixed-size model's other sizes skipped): same count and classes, boxes within :data:`BOX_TOLERANCE_PX`,
+    sizes the exported model does not take skipped): same count and classes, boxes within :data:`BOX_TOLERANCE_PX`,
     scores within :data:`SCORE_TOLERANCE`. Logs the deviations of each image, and of the dense outputs."""
     wrapper = TOODExportWrapper(model)
     ok = True
     for path, image in images:
-        size = exported.metadata["input_size"]
-        if size is not None and list(image.shape[-2:]) != size:
-            logger.info(f"{path}: skipped, {tuple(image.shape[-2:])} is not the fixed input size {tuple(size)}")
+        try:
+            padded = exported.pad(image)
+        except ValueError as e:
+            logger.info(f"{path}: skipped, {e}")
             continue
         with torch.no_grad():
             reference = model([{"image": image}])[0]["instances"]
-            dense_reference = wrapper(image)
+            dense_reference = wrapper(padded)
         dense = exported.run(image)
         num_levels = len(dense) // 2
         dense_dev = [float((a - b).abs().max()) for a, b in zip(dense, dense_reference)]
@@ -330,34 +385,35 @@ class ExportResult:
     """What :func:`export_and_verify` made and found."""
 
     path: str  # the exported model's file
+    export_seconds: float  # wall time of export_model
     ok: bool  # whether the exported model's detections equal the PyTorch model's on every image
     model: TOOD  # the PyTorch model, in eval mode
     exported: "ExportedTOOD"
-    images: List[Tuple[str, Tensor]]  # the verification images, (name, (3, H, W) input), the first one traced
+    images: List[Tuple[str, Tensor]]  # the verification images, (path, (3, H, W) input), the first one exported on
 
 
 def export_and_verify(
     cfg,
     fmt: str,
     output_dir: str,
+    image_paths: Sequence[str],
     weights: Optional[str] = None,
-    image_paths: Sequence[str] = (),
-    num_generated: int = 2,
     dynamic: bool = True,
     num_threads: Optional[int] = None,
 ) -> ExportResult:
-    """Exports the model of the LazyConfig ``cfg`` (:func:`build_model`) traced on the first of its
-    :func:`verification_images` and verifies it on all of them (:func:`verify_export`), the exported model running
-    on ``num_threads`` CPU threads (default: torch's).
+    """Exports the model of the LazyConfig ``cfg`` (:func:`build_model`) on the first of ``image_paths`` (read and
+    resized by :func:`verification_images`) and verifies it on all of them (:func:`verify_export`), the exported
+    model running on ``num_threads`` CPU threads (default: torch's).
     """
     if num_threads:
         torch.set_num_threads(num_threads)
     model = build_model(cfg, weights)
-    images = verification_images(cfg, model.input_format, image_paths, num_generated)
+    images = verification_images(cfg, model.input_format, image_paths)
 
     start = time.perf_counter()
     path = export_model(model, images[0][1], output_dir, fmt, dynamic=dynamic)
-    logger.info(f"Exported {fmt} to {path} in {time.perf_counter() - start:.1f}s")
+    seconds = time.perf_counter() - start
+    logger.info(f"Exported {fmt} to {path} in {seconds:.1f}s")
 
     exported = ExportedTOOD(output_dir, num_threads=torch.get_num_threads())
     ok = verify_export(model, exported, images)
@@ -365,4 +421,4 @@ def export_and_verify(
         logger.error(
             f"Verification FAILED: boxes must agree within {BOX_TOLERANCE_PX} px, scores within {SCORE_TOLERANCE}"
         )
-    return ExportResult(path, ok, model, exported, images)
+    return ExportResult(path, seconds, ok, model, exported, images)

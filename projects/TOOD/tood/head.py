@@ -260,8 +260,8 @@ class TOODHead(nn.Module):
         return [level_boxes(p, s, self.octave_base_scale) for p, s in zip(points, self.strides)]
 
     def _level_points(self, size, stride: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            # A cache key of int() sizes would freeze the example's priors into the graph.
+        if torch.compiler.is_compiling():
+            # A cache key of int() sizes would freeze the example's sizes into the exported graph.
             return level_points(size, stride, device, dtype)
         key = (int(size[0]), int(size[1]), stride, device, dtype)
         points = self._prior_cache.get(key)

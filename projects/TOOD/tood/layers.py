@@ -60,11 +60,6 @@ class _SigmoidGeometricMean(torch.autograd.Function):
         return grad_a, grad_b
 
 
-@torch.jit.unused
-def _sigmoid_geometric_mean_with_grad(a: Tensor, b: Tensor) -> Tensor:
-    return _SigmoidGeometricMean.apply(a, b)
-
-
 def sigmoid_geometric_mean(logits: Tensor, m: Tensor) -> Tensor:
     """Aligned score ``P = sqrt(sigmoid(logits) * sigmoid(m))``.
 
@@ -76,11 +71,11 @@ def sigmoid_geometric_mean(logits: Tensor, m: Tensor) -> Tensor:
         P with the broadcast shape of the inputs, e.g. (N, K, H, W).
 
     Uses the analytic-gradient function only when a gradient will be taken; otherwise (inference, export) the
-    plain expression, so traced / scripted / exported graphs hold standard ops only.
+    plain expression, so exported graphs hold standard ops only.
     """
-    if torch.jit.is_scripting() or not torch.is_grad_enabled() or not (logits.requires_grad or m.requires_grad):
+    if not torch.is_grad_enabled() or not (logits.requires_grad or m.requires_grad):
         return (logits.sigmoid() * m.sigmoid()).sqrt()
-    return _sigmoid_geometric_mean_with_grad(logits, m)
+    return _SigmoidGeometricMean.apply(logits, m)
 
 
 def align_boxes(boxes: Tensor, offsets: Tensor) -> Tensor:
