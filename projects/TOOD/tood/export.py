@@ -209,6 +209,7 @@ def export_model(model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic:
                 input_names=["image"],
                 output_names=wrapper.output_names,
                 external_data=False,
+                verbose=False,
             )
         else:
             torch._inductor.aoti_compile_and_package(program, package_path=path)
