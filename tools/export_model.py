@@ -27,17 +27,15 @@ Examples::
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 from detectron2.config import LazyConfig
 from detectron2.utils.logger import setup_logger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/ beside tools/
-import tood  # noqa: E402,F401  registers TOOD's config resolvers and generated datasets
-from benchmarks.timing import median_times  # noqa: E402
-from tood.data import DEFAULT_SPLITS, get_shapes_dataset  # noqa: E402
-from tood.export import FORMATS, export_and_verify  # noqa: E402
+import tood  # noqa: F401  registers TOOD's config resolvers and generated datasets
+from benchmarks.timing import median_times
+from tood.data import DEFAULT_SPLITS, get_shapes_dataset
+from tood.export import FORMATS, export_and_verify
 
 logger = logging.getLogger("tood.export")
 RUNTIMES = {"onnx": "ONNX Runtime", "pt2": "ExportedProgram", "aoti": "AOTInductor"}
