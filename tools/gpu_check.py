@@ -13,8 +13,8 @@ On the first CUDA device, in order (``benchmarks.gpu``):
    quick-start model trained 24 steps in float16 and float32.
 
 Writes the figures to ``--output`` (JSON) and prints them as a table (also written next to it, ``.md``). The
-reference tensors (step 1 and 5's R-50) come from ``--reference`` (default: $TOOD_ORACLE_DIR or ../shared/oracle
-beside the checkout); without them those steps are reported as skipped. Without CUDA it says so and exits 0.
+reference tensors (step 1 and 5's R-50) come from ``--reference`` (default: $TOOD_ORACLE_DIR); without them those
+steps are reported as skipped. Without CUDA it says so and exits 0.
 
 Example::
 
@@ -47,7 +47,7 @@ def argument_parser():
     parser.add_argument("--output", default="output/gpu_check.json", help="the JSON file of the figures")
     parser.add_argument(
         "--reference",
-        default=os.environ.get("TOOD_ORACLE_DIR", str(REPO_ROOT.parent / "shared" / "oracle")),
+        default=os.environ.get("TOOD_ORACLE_DIR", ""),
         help=f"the folder holding {REFERENCE_FILE}",
     )
     parser.add_argument("--iters", type=int, default=20, help="timed training iterations per precision")
@@ -78,8 +78,8 @@ def main(args):
     config = str(REPO_ROOT / "configs" / "tood_R_50_1x.py")
     quick = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
     reference_path = Path(args.reference) / REFERENCE_FILE
-    reference = torch.load(reference_path, weights_only=True) if reference_path.is_file() else None
-    skipped = f"skipped: {reference_path} is absent"
+    reference = torch.load(reference_path, weights_only=True) if args.reference and reference_path.is_file() else None
+    skipped = f"skipped: {reference_path} is absent" if args.reference else "skipped: no --reference or TOOD_ORACLE_DIR"
     results = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
