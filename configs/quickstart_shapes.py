@@ -20,6 +20,8 @@ from detectron2.modeling.backbone.resnet import BasicBlock
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
+from tood.compat import RETINANET_HEAD_GN
+
 from .common.data.coco import dataloader
 from .common.models.tood import model
 from .common.optim import AdamW as optimizer
@@ -55,6 +57,20 @@ model.head.feat_channels = 64
 model.head.stacked_convs = 4
 model.head.alignment_prior_prob = 0.5
 model.num_classes = 6
+
+
+def baseline_head(head_class, **kwargs):
+    """Detectron2's dense ``head_class`` (RetinaNetHead, FCOSHead) at the T-Head's widths above, with GroupNorm: the
+    head of the accuracy study's baselines (configs/quickstart_shapes_fcos.py, quickstart_shapes_retinanet.py)."""
+    return L(head_class)(
+        input_shape=[ShapeSpec(channels=FPN_CHANNELS)] * 5,
+        num_classes="${..num_classes}",
+        conv_dims=[model.head.feat_channels] * model.head.stacked_convs,
+        norm=RETINANET_HEAD_GN,
+        prior_prob=0.01,
+        **kwargs,
+    )
+
 
 dataloader.train.dataset.names = "tood_shapes_train"
 dataloader.test.dataset.names = "tood_shapes_val"

@@ -20,23 +20,14 @@ comes from P6 without it, as in TOOD's reference, so that the backbone is exactl
 # ruff: noqa: F401  (a LazyConfig file exports the names it imports)
 
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 
-from tood.compat import RETINANET_HEAD_GN
-
-from .quickstart_shapes import FPN_CHANNELS, dataloader, lr_multiplier, optimizer, train
+from .quickstart_shapes import baseline_head, dataloader, lr_multiplier, optimizer, train
 from .quickstart_shapes import model as _tood
 
 model = L(FCOS)(
     backbone=_tood.backbone,
-    head=L(FCOSHead)(
-        input_shape=[ShapeSpec(channels=FPN_CHANNELS)] * 5,
-        num_classes="${..num_classes}",
-        conv_dims=[_tood.head.feat_channels] * _tood.head.stacked_convs,
-        norm=RETINANET_HEAD_GN,
-        prior_prob=0.01,
-    ),
+    head=baseline_head(FCOSHead),
     num_classes=_tood.num_classes,
     head_in_features=_tood.head_in_features,
     focal_loss_alpha=0.25,

@@ -20,28 +20,18 @@ under 32 px) have no anchor at IoU >= 0.5, against 5% (10%) with 16..256.
 # ruff: noqa: F401  (a LazyConfig file exports the names it imports)
 
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
-from tood.compat import RETINANET_HEAD_GN
-
-from .quickstart_shapes import FPN_CHANNELS, dataloader, lr_multiplier, optimizer, train
+from .quickstart_shapes import baseline_head, dataloader, lr_multiplier, optimizer, train
 from .quickstart_shapes import model as _tood
 
 model = L(RetinaNet)(
     backbone=_tood.backbone,
-    head=L(RetinaNetHead)(
-        input_shape=[ShapeSpec(channels=FPN_CHANNELS)] * 5,
-        num_classes="${..num_classes}",
-        conv_dims=[_tood.head.feat_channels] * _tood.head.stacked_convs,
-        norm=RETINANET_HEAD_GN,
-        prior_prob=0.01,
-        num_anchors=9,
-    ),
+    head=baseline_head(RetinaNetHead, num_anchors=9),
     anchor_generator=L(DefaultAnchorGenerator)(
         sizes=[[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [16, 32, 64, 128, 256]],
         aspect_ratios=[0.5, 1.0, 2.0],
