@@ -161,9 +161,14 @@ def theirs(name: str) -> str:
 
 @pytest.mark.slow  # the float64 trajectory: minutes on a CPU
 def test_the_float64_run_computes_in_float64(f64_trajectory):
-    """Every floating tensor that step 0 computes is float64: the tolerances below hold only then."""
+    """Every operator of step 0 that computes a floating tensor computes it in float64: the tolerances below hold only
+    then. Casts aside: Detectron2's ``Boxes`` holds the input boxes in float32 (the reference's boxes are exact there),
+    and the finite-loss check makes a flag; a cast whose result is computed with shows as that computation."""
     ops = f64_trajectory["recorder"].step0_dtypes.ops
-    assert dict(ops).keys() == {torch.float64}, {k: sorted(v) for k, v in ops.items()}
+    computed = {dtype: names - {"aten._to_copy"} for dtype, names in ops.items()}
+    assert {dtype for dtype, names in computed.items() if names} == {torch.float64}, {
+        dtype: sorted(names) for dtype, names in computed.items() if dtype != torch.float64
+    }
 
 
 @pytest.mark.slow  # the float64 trajectory: minutes on a CPU
