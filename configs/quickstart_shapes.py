@@ -86,7 +86,7 @@ dataloader.test.num_workers = 0
 
 train.max_iter = 1300
 # Chosen by the CPU: bfloat16 autocast where it has bfloat16 units (AVX512-BF16, AMX), about twice as fast at the
-# same AP; float32 elsewhere, where bfloat16 is emulated and slower (tood.engine.train_loop.choose_precision).
+# same AP; float32 elsewhere, where bfloat16 is emulated and slower (tood.precision.choose_precision).
 train.amp.enabled = None
 train.init_checkpoint = ""
 # A fixed seed (Detectron2's default draws one per run), so that the quick start's AP can be

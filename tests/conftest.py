@@ -146,6 +146,22 @@ def tiny_yaml_overrides(dataset, output_dir, **overrides):
 
 
 @pytest.fixture
+def autocast_at_forward(monkeypatch):
+    """Whether CPU bfloat16 autocast was on at each forward of a TOOD model."""
+    import tood  # here: tests/tools/test_env.py checks the environment without tood
+
+    seen = []
+    forward = tood.TOOD.forward
+
+    def recording(self, batched_inputs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, batched_inputs)
+
+    monkeypatch.setattr(tood.TOOD, "forward", recording)
+    return seen
+
+
+@pytest.fixture
 def one_thread():
     """One torch thread: the tiny models gain nothing from a second, and threads that outnumber the free cores
     (another job running) slow torch's CPU ops down manyfold."""

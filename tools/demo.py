@@ -20,7 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 import tood  # noqa: F401  registers TOOD's meta-architecture, config resolvers and generated datasets
 from tood.engine import LazyPredictor
-from tood.engine.arguments import add_register_coco_argument, register_coco_datasets
+from tood.engine.arguments import add_precision_argument, add_register_coco_argument, register_coco_datasets
 from tood.engine.visualization import expand_inputs, run_on_images, run_on_video
 
 
@@ -39,6 +39,7 @@ def argument_parser():
         help="folder for the drawn images or video (default: %(default)s); a file name for one video",
     )
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="draw detections scoring at least this")
+    add_precision_argument(parser, default_help="the config's training precision on CPU, float32 on CUDA")
     add_register_coco_argument(
         parser, help="register a COCO-format dataset (for its class names, via dataloader.test.dataset.names=NAME)"
     )
@@ -53,7 +54,8 @@ def main(args):
     logger = setup_logger()
     register_coco_datasets(args.register_coco)
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    predictor = LazyPredictor(cfg)
+    predictor = LazyPredictor(cfg, args.precision)
+    logger.info(f"Precision: {predictor.precision}")
 
     written = []
     if args.input:

@@ -14,12 +14,18 @@ the PyTorch model's: same count and classes, boxes within 0.01 px, scores within
 deviation of the dense outputs). Then the median latency of both, end to end (post-processing included), on the
 first image with the same number of CPU threads. Exit status 1 when the detections differ.
 
+Precision (``--precision``, said first): float32, or for pt2 bfloat16 autocast inside the graph, fixed at export;
+the PyTorch model runs in the same precision to compare and to time. By default the config's training precision
+(the COCO configs: float32); onnx and aoti are float32 only.
+
 Examples::
 
     tools/export_model.py --config-file configs/tood_R_50_1x.py --output output/export/onnx \\
         --weights tood_R_50_1x.pth
     tools/export_model.py --config-file configs/tood_R_50_1x.py --format pt2 --output output/export/pt2 \\
         --weights tood_R_50_1x.pth --sample-image photo.jpg --threads 4
+    tools/export_model.py --config-file configs/tood_R_50_1x.py --format pt2 --precision bf16 \\
+        --output output/export/pt2_bf16 --weights tood_R_50_1x.pth
     tools/export_model.py --config-file configs/tood_R_50_1x.py --format onnx --fixed-size --output out \\
         --weights tood_R_50_1x.pth dataloader.test.mapper.augmentations.0.short_edge_length=512
 """
@@ -35,7 +41,9 @@ from detectron2.utils.logger import setup_logger
 import tood  # noqa: F401  registers TOOD's config resolvers and generated datasets
 from benchmarks.timing import median_times
 from tood.data import DEFAULT_SPLITS, get_shapes_dataset
+from tood.engine.arguments import add_precision_argument
 from tood.export import FORMATS, export_and_verify
+from tood.precision import inference_autocast
 
 logger = logging.getLogger("tood.export")
 RUNTIMES = {"onnx": "ONNX Runtime", "pt2": "ExportedProgram", "aoti": "AOTInductor"}
@@ -49,6 +57,7 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="onnx", choices=sorted(FORMATS), help="output format (default: onnx)")
     parser.add_argument("--output", required=True, help="folder to write the exported model into")
     parser.add_argument("--weights", help="checkpoint to load (DetectionCheckpointer); random init without it")
+    add_precision_argument(parser, default_help="the config's training precision; onnx and aoti: fp32 only")
     parser.add_argument(
         "--sample-image",
         action="append",
@@ -77,8 +86,8 @@ def sample_images(args) -> list:
 
 
 def main(args) -> dict:
-    """Exports, verifies and times; returns ``{"path", "ok", "export_s", "latency_ms"}``, the latency as
-    ``{"pytorch": ms, format: ms}``."""
+    """Exports, verifies and times; returns ``{"path", "ok", "bf16", "export_s", "latency_ms"}``, the latency as
+    ``{"pytorch": ms, format: ms}``, both in the export's precision."""
     result = export_and_verify(
         LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts),
         args.format,
@@ -87,25 +96,35 @@ def main(args) -> dict:
         weights=args.weights,
         dynamic=not args.fixed_size,
         num_threads=args.threads,
+        precision=args.precision,
     )
     # End to end, post-processing included, on the first image; 2 warm-up calls (ONNX Runtime allocates its
     # buffers, PyTorch its caches).
     image = result.images[0][1]
+    bf16 = result.exported.bf16
+
+    def pytorch():
+        with inference_autocast(bf16):
+            return result.model([{"image": image}])
+
     with torch.no_grad():
-        seconds = median_times(
-            {"pytorch": lambda: result.model([{"image": image}]), args.format: lambda: result.exported(image)},
-            args.runs,
-            warmup=2,
-        )
+        seconds = median_times({"pytorch": pytorch, args.format: lambda: result.exported(image)}, args.runs, warmup=2)
     latency = {name: 1000 * s for name, s in seconds.items()}
     runtime = RUNTIMES[args.format]
     logger.info(
         f"Latency, median of {args.runs} runs, {torch.get_num_threads()} CPU threads, "
+        f"{'bfloat16 autocast' if bf16 else 'float32'}, "
         f"{image.shape[1]}x{image.shape[2]} input, end to end: PyTorch {latency['pytorch']:.1f} ms, "
         f"{runtime} {latency[args.format]:.1f} ms (speed-up {latency['pytorch'] / latency[args.format]:.2f}x); "
         f"export took {result.export_seconds:.1f} s"
     )
-    return {"path": result.path, "ok": result.ok, "export_s": result.export_seconds, "latency_ms": latency}
+    return {
+        "path": result.path,
+        "ok": result.ok,
+        "bf16": bf16,
+        "export_s": result.export_seconds,
+        "latency_ms": latency,
+    }
 
 
 if __name__ == "__main__":

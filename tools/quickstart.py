@@ -23,8 +23,8 @@ from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog
 
 from tood.engine import LazyPredictor, ProgressBar, argument_parser, do_train, setup
-from tood.engine.train_loop import choose_precision
 from tood.engine.visualization import run_on_images
+from tood.precision import choose_precision
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,14 +21,17 @@ from detectron2.structures import Boxes, Instances
 from tests.conftest import REPO_ROOT, load_tool
 from tood.data import generate_dataset
 from tood.export import (
+    FLOAT32_ONLY,
     ONNX_OPSET,
     ExportedTOOD,
     PostprocessParams,
     TOODExportWrapper,
+    choose_export_precision,
     detection_deviations,
     export_model,
     pad_image,
 )
+from tood.precision import inference_autocast
 
 BOX_ATOL_PX = 0.01
 SCORE_ATOL = 1e-4
@@ -48,37 +51,42 @@ def build_model(config: str, *overrides: str) -> torch.nn.Module:
     return model
 
 
-def separating_threshold(scores: List[torch.Tensor]) -> float:
-    """A threshold keeping the 10 to 40 highest of the dense ``scores``, in the widest gap between two of them."""
+def separating_threshold(scores: List[torch.Tensor], exact: bool = False) -> float:
+    """A threshold keeping the 10 to 40 highest of the dense ``scores``, in the widest gap between two of them.
+
+    ``exact``: for a runtime that gives PyTorch's outputs bit for bit (the bfloat16 ExportedProgram), whose kept
+    scores may tie (bfloat16 has 8 bits of mantissa): equal inputs keep them in the same order.
+    """
     top = torch.cat([s.flatten() for s in scores]).sort(descending=True).values[:41]
     gaps = top[:-1] - top[1:]
     i = 9 + int(gaps[9:].argmax())
     # The setup's premise: the kept scores and the threshold are far apart compared with round-off.
-    assert gaps[i] > 1e-5 and gaps[:i].min() > 1e-6, gaps
+    assert gaps[i] > 1e-5 and (exact or gaps[:i].min() > 1e-6), gaps
     return float(top[i] + top[i + 1]) / 2
 
 
 def check_exported(model, exported: ExportedTOOD, image: torch.Tensor) -> int:
-    """Asserts that ``exported`` gives the PyTorch model's dense outputs and detections on ``image``; returns the
-    number of detections."""
+    """Asserts that ``exported`` gives the PyTorch model's dense outputs and detections on ``image``, the PyTorch
+    model computing in the exported model's precision; returns the number of detections."""
     dense = exported.run(image)
     num_levels = len(dense) // 2
-    model.test_score_thresh = separating_threshold(dense[:num_levels])
+    model.test_score_thresh = separating_threshold(dense[:num_levels], exact=exported.bf16)
     exported.params = PostprocessParams.from_model(model)
 
     captured = []
     hook = model.head.register_forward_hook(lambda module, inputs, outputs: captured.append(outputs))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inference_autocast(exported.bf16):
             reference = model([{"image": image}])[0]["instances"]
     finally:
         hook.remove()
     cls_scores, bbox_preds = captured[0]
     # Documented layout: per level (Hl * Wl, K) and (Hl * Wl, 4) pixels, locations row-major over (y, x).
     for out, expected in zip(dense[:num_levels], cls_scores):
-        torch.testing.assert_close(out, expected[0].flatten(1).t(), atol=1e-5, rtol=0)
+        # bfloat16: bit for bit (see separating_threshold)
+        torch.testing.assert_close(out, expected[0].flatten(1).t().float(), atol=0 if exported.bf16 else 1e-5, rtol=0)
     for out, expected, stride in zip(dense[num_levels:], bbox_preds, model.head.strides):
-        torch.testing.assert_close(out, expected[0].flatten(1).t() * stride, atol=BOX_ATOL_PX, rtol=0)
+        torch.testing.assert_close(out, expected[0].flatten(1).t().float() * stride, atol=BOX_ATOL_PX, rtol=0)
 
     detections = exported(image)
     assert detections.image_size == reference.image_size == tuple(image.shape[-2:])
@@ -163,11 +171,14 @@ def test_anchor_based_dynamic_size(images, tmp_path):
             exported(images[1][:, :128])
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "pt2", pytest.param("aoti", marks=pytest.mark.slow)])
-def test_export_and_verify(image_folder, images, tmp_path, fmt):
-    """What tools/export_model.py runs, on the quick-start model with a shallow head: exports on a 320x320 image,
-    verifies against PyTorch, times both. The test then compares the written model's detections with PyTorch's
-    itself, at two sizes the export did not see."""
+@pytest.mark.parametrize(
+    "fmt,precision",
+    [("onnx", "fp32"), ("pt2", "fp32"), ("pt2", "bf16"), pytest.param("aoti", "fp32", marks=pytest.mark.slow)],
+)
+def test_export_and_verify(image_folder, images, tmp_path, fmt, precision):
+    """What tools/export_model.py runs, on the quick-start model with a shallow head: exports on a 320x320 image in
+    ``precision``, verifies against PyTorch in that precision, times both. The test then compares the written model's
+    detections with PyTorch's itself, at two sizes the export did not see."""
     model = build_model("quickstart_shapes.py", *SHALLOW_HEAD)
     weights = str(tmp_path / "weights.pth")
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("weights")
@@ -175,24 +186,56 @@ def test_export_and_verify(image_folder, images, tmp_path, fmt):
     # The tool's own verification on the sample image, with a threshold that separates its scores.
     sample_image = torch.as_tensor(read_image(str(sample), format="RGB").transpose(2, 0, 1).copy()).float()
     assert sample_image.shape[-2:] == (320, 320)
+    bf16 = precision == "bf16"
     with torch.no_grad():
-        dense = TOODExportWrapper(model)(pad_image(sample_image, 32, model.pixel_mean.flatten().tolist()))
-    threshold = separating_threshold(list(dense[: len(dense) // 2]))
+        dense = TOODExportWrapper(model, bf16)(pad_image(sample_image, 32, model.pixel_mean.flatten().tolist()))
+    threshold = separating_threshold(list(dense[: len(dense) // 2]), exact=bf16)
 
     tool = load_tool("export_model")
     config = str(REPO_ROOT / "configs" / "quickstart_shapes.py")
     output = tmp_path / "export"
-    args = ["--config-file", config, "--format", fmt, "--output", str(output), "--sample-image", str(sample)]
+    args = ["--config-file", config, "--format", fmt, "--precision", precision, "--output", str(output)]
+    args += ["--sample-image", str(sample)]
     args += ["--weights", weights, "--runs", "2", *SHALLOW_HEAD, f"model.test_score_thresh={threshold}"]
     report = tool.main(tool.argument_parser().parse_args(args))
-    assert report["ok"]
+    assert report["ok"] and report["bf16"] == bf16
     assert report["path"] == str(output / {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2"}[fmt])
     assert set(report["latency_ms"]) == {"pytorch", fmt} and min(report["latency_ms"].values()) > 0
     assert report["export_s"] > 0
 
     exported = ExportedTOOD(str(output))
+    assert exported.bf16 == bf16
     for image in images:
         check_exported(model, exported, image)
+    if bf16:
+        # bfloat16 inside the graph: its outputs are bfloat16's rounding (8 bits of mantissa) away from float32's.
+        with torch.no_grad():
+            dense32 = TOODExportWrapper(model)(exported.pad(images[0]))
+        largest = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(exported.run(images[0]), dense32))
+        assert largest > 1e-3, largest
+
+
+def test_float32_only_formats(cpu_units, tmp_path):
+    """onnx and aoti refuse bfloat16 when asked for it, and export in float32 when the choice is the CPU's or the
+    config's, saying why."""
+    cpu_units(True, False)
+    assert choose_export_precision("pt2", "auto") == (
+        True,
+        "bfloat16 autocast: this CPU has AVX512-BF16 (--precision fp32 for float32)",
+    )
+    for fmt in FLOAT32_ONLY:
+        for precision, amp in (("auto", None), (None, True)):
+            bf16, why = choose_export_precision(fmt, precision, amp)
+            assert not bf16 and why.startswith(f"float32: {fmt} is exported in float32 only ({FLOAT32_ONLY[fmt]})")
+        assert choose_export_precision(fmt, "bf16") == (True, "bfloat16 autocast: --precision bf16")
+        with pytest.raises(ValueError, match=f"{fmt} is exported in float32 only.*Export pt2 for bfloat16"):
+            export_model(
+                build_model("quickstart_shapes.py", *SHALLOW_HEAD),
+                torch.zeros(3, 64, 64),
+                str(tmp_path),
+                fmt,
+                bf16=True,
+            )
 
 
 def test_detection_deviations_pairs_by_class_and_box():

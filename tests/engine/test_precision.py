@@ -1,5 +1,6 @@
-"""Training precision chosen by the CPU: bfloat16 autocast where it has bfloat16 units, float32 elsewhere, an explicit
-``train.amp.enabled`` always winning; and bfloat16 training that learns, on any CPU."""
+"""Precision chosen by the CPU: bfloat16 autocast where it has bfloat16 units, float32 elsewhere, an explicit
+``train.amp.enabled`` (training) or ``--precision`` (inference) always winning; and bfloat16 training that learns, on
+any CPU."""
 
 import itertools
 import os
@@ -8,14 +9,24 @@ import sys
 
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, get_cfg, instantiate
 from detectron2.engine import HookBase
 from detectron2.structures import Boxes, Instances
 
-from tests.conftest import REPO_ROOT, WITHOUT_AVX512
-from tood.engine.train_loop import (
-    CheckedAMPTrainer,
-    build_trainer,
+from tests.conftest import (
+    REPO_ROOT,
+    WITHOUT_AVX512,
+    register_coco_args,
+    reregister_coco,
+    tiny_yaml_overrides,
+    write_tiny_lazy_config,
+)
+from tood import add_tood_config
+from tood.engine import Trainer, argument_parser, main
+from tood.engine.train_loop import CheckedAMPTrainer, build_trainer
+from tood.precision import (
+    choose_inference_precision,
     choose_precision,
     cpu_bfloat16_units,
     inference_autocast,
@@ -100,16 +111,41 @@ def test_bfloat16_training_learns():
 
 
 @pytest.mark.parametrize("units", [True, False])
-def test_cpu_inference_follows_the_training_choice(cpu_units, units):
-    """Evaluation (``do_test``) and ``LazyPredictor`` predict under this context: bfloat16 autocast exactly where
-    training chose it, on CPU; never on CUDA."""
+def test_inference_precision(cpu_units, units):
+    """``--precision`` wins; ``auto`` and no choice with ``train.amp.enabled=None`` follow the CPU's units; no choice
+    follows an explicit ``train.amp.enabled``; CUDA stays float32 unless bf16 is asked for. Each reason names how to
+    choose otherwise."""
     cpu_units(units, False)
-    for amp, expected in ((None, units), (True, True), (False, False)):
-        with inference_autocast(amp, "cpu"):
-            assert torch.is_autocast_enabled("cpu") == expected, amp
-            if expected:
-                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with inference_autocast(True, "cuda"):
+    assert choose_inference_precision("fp32", None) == (False, "float32: --precision fp32")
+    assert choose_inference_precision("bf16", False) == (True, "bfloat16 autocast: --precision bf16")
+    for choice in ("auto", None):
+        bf16, why = choose_inference_precision(choice, None)
+        assert bf16 == units
+        assert why == (
+            "bfloat16 autocast: this CPU has AVX512-BF16 (--precision fp32 for float32)"
+            if units
+            else f"float32: no bfloat16 units on this CPU ({torch.backends.cpu.get_cpu_capability()}; --precision bf16 "
+            "forces bfloat16)"
+        )
+    assert choose_inference_precision(None, True) == (
+        True,
+        "bfloat16 autocast: as training, train.amp.enabled=True (--precision fp32 for float32)",
+    )
+    assert choose_inference_precision(None, False) == (
+        False,
+        "float32: as training, train.amp.enabled=False (--precision bf16 for bfloat16 autocast)",
+    )
+    for choice, amp in (("auto", None), (None, True)):
+        assert choose_inference_precision(choice, amp, "cuda")[0] is False
+    assert choose_inference_precision("bf16", None, "cuda")[0] is True
+    with pytest.raises(ValueError, match="one of auto, fp32, bf16, got 'fp16'"):
+        choose_inference_precision("fp16")
+
+
+def test_inference_autocast():
+    with inference_autocast(True, "cpu"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with inference_autocast(False, "cpu"):
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -117,7 +153,7 @@ def test_avx2_mode_sees_no_bfloat16_units():
     """``make test-avx2``'s environment makes PyTorch answer as a CPU without AVX-512 would, on any CPU: AVX2 kernels,
     no oneDNN bfloat16, hence float32 training; the suite's own probes (tests/conftest.py) answer no as well."""
     code = (
-        "import torch; from tood.engine.train_loop import choose_precision; "
+        "import torch; from tood.precision import choose_precision; "
         "print(torch.backends.cpu.get_cpu_capability(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), "
         "choose_precision(None)[1])"
     )
@@ -148,3 +184,48 @@ def test_a_run_without_a_scaler_resumes_under_mixed_precision():
     resumed = CheckedAMPTrainer(model, [], optimizer, device="cpu", precision=torch.float16)
     resumed.load_state_dict(trainer.state_dict())
     assert resumed.grad_scaler.get_scale() == 1024.0
+
+
+@pytest.mark.parametrize(
+    "flow,precision,bf16",
+    [
+        ("lazy", "bf16", True),
+        ("lazy", "fp32", False),
+        ("lazy", None, True),  # the quick-start model's train.amp.enabled=None: by the CPU, which has units here
+        ("yaml", "bf16", True),
+        ("yaml", None, False),  # SOLVER.AMP.ENABLED=False
+    ],
+)
+def test_eval_only_evaluates_in_the_chosen_precision(
+    tiny_shapes, tmp_path, cpu_units, autocast_at_forward, flow, precision, bf16
+):
+    """``tools/train_net.py --eval-only [--precision P]`` with either config system: every forward of the evaluation
+    runs in the precision chosen, and the log says which."""
+    cpu_units(True, False)
+    output = tmp_path / "eval"
+    if flow == "lazy":
+        config = write_tiny_lazy_config(
+            tmp_path / "config.py", "prec_tiny", "prec_tiny", extra="model.test_score_thresh = 0.0\n"
+        )
+        model = instantiate(LazyConfig.load(config).model)
+        opts = [f"train.output_dir={output}", f"train.init_checkpoint={tmp_path / 'model.pth'}", "train.device=cpu"]
+        args = ["--config-file", config, *register_coco_args(tiny_shapes, "prec_tiny")]
+    else:
+        reregister_coco("prec_tiny_yaml", tiny_shapes / "annotations.json", tiny_shapes / "images")
+        opts = tiny_yaml_overrides("prec_tiny_yaml", output, **{"MODEL.WEIGHTS": str(tmp_path / "model.pth")})
+        args = ["--config-file", str(REPO_ROOT / "configs" / "COCO-Detection" / "tood_R_50_FPN_1x.yaml")]
+        cfg = get_cfg()
+        add_tood_config(cfg)
+        cfg.merge_from_file(args[1])
+        cfg.merge_from_list(opts)
+        model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    args += ["--eval-only", *(["--precision", precision] if precision else []), *opts]
+    results = main(argument_parser().parse_args(args))
+    assert "bbox" in results
+    assert autocast_at_forward and set(autocast_at_forward) == {bf16}, autocast_at_forward
+    expected = {"bf16": "bfloat16 autocast: --precision bf16", "fp32": "float32: --precision fp32"}.get(
+        precision,
+        "bfloat16 autocast: this CPU has AVX512-BF16" if bf16 else "float32: as training, train.amp.enabled=False",
+    )
+    assert f"Evaluation precision: {expected}" in (output / "log.txt").read_text()

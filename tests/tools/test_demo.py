@@ -95,6 +95,12 @@ def test_predictor_returns_boxes_in_input_coordinates(weights):
     assert predictor.metadata.thing_classes[0] == "ellipse"
 
 
+@pytest.mark.parametrize("precision,bf16", [("bf16", True), ("fp32", False)])
+def test_precision(weights, images, tmp_path, autocast_at_forward, precision, bf16):
+    run_demo(weights, "--input", str(images / "000000.jpg"), "--output", str(tmp_path), "--precision", precision)
+    assert autocast_at_forward == [bf16]
+
+
 def test_video(weights, images, tmp_path):
     video = str(tmp_path / "clip.mp4")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (96, 96))

@@ -24,6 +24,11 @@ All formats come from one ``torch.export.export`` of :class:`TOODExportWrapper`:
 - ``aoti``: the program compiled ahead of time by AOTInductor into a package of a shared library (needs a C++
   compiler), run by ``torch._inductor.aoti_load_package``.
 
+Precision is fixed at export: float32, or for ``pt2`` bfloat16 autocast inside the graph (``bf16=True``), for CPUs
+with bfloat16 units; it gives PyTorch's bfloat16 detections exactly. An ExportedProgram run under autocast at run
+time fails on mixed dtypes in its decomposed graph, which is why the choice is made before the export and recorded
+with the model. The other formats are float32 only (:data:`FLOAT32_ONLY` says why).
+
 Input size: by default any height and width at least :func:`min_input_size` after padding (``torch.export`` takes a
 dynamic size to be at least 2, which the coarsest level's size must then be); ``dynamic=False`` gives a model of
 the example's padded size only.
@@ -50,6 +55,7 @@ from detectron2.structures import Instances
 from torch import Tensor, nn
 
 from .meta_arch import TOOD, postprocess_detections
+from .precision import choose_inference_precision, inference_autocast
 
 __all__ = [
     "BOX_TOLERANCE_PX",
@@ -58,9 +64,11 @@ __all__ = [
     "SCORE_TOLERANCE",
     "ExportResult",
     "ExportedTOOD",
+    "FLOAT32_ONLY",
     "PostprocessParams",
     "TOODExportWrapper",
     "build_model",
+    "choose_export_precision",
     "detection_deviations",
     "export_and_verify",
     "export_model",
@@ -77,6 +85,12 @@ logger = logging.getLogger(__name__)
 ONNX_OPSET = 20
 # format -> file written into the output folder.
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2"}
+# Why a format is not exported in bfloat16.
+FLOAT32_ONLY = {
+    "onnx": "ONNX Runtime's CPU kernels have no bfloat16 convolution",
+    "aoti": "AOTInductor's fused bfloat16 kernels round differently from PyTorch's bfloat16 autocast, by as much as "
+    "bfloat16 differs from float32: its detections cannot be verified against PyTorch's",
+}
 # What a runtime needs besides the graph: format, input size and padding, output names, post-processing thresholds.
 METADATA_FILE = "tood_export.json"
 # Largest padded height or width a dynamic-size model accepts.
@@ -95,19 +109,22 @@ class TOODExportWrapper(nn.Module):
     Outputs (:attr:`output_names`): for each level ``l`` of ``head_in_features`` (p3..p7), ``scores_l``
     (Hl * Wl, K), the aligned probabilities; then for each level ``boxes_l`` (Hl * Wl, 4), the aligned boxes xyxy
     in pixels of the padded image (stride * aligned box). Locations are row-major over (y, x). These are the
-    per-level arguments of :func:`postprocess_detections`.
+    per-level arguments of :func:`postprocess_detections`. They are float32 in either precision: with ``bf16`` the
+    network runs in bfloat16 autocast, as the PyTorch model does under it, and the aligned scores and boxes come out
+    in float32 as there.
     """
 
-    def __init__(self, model: TOOD):
+    def __init__(self, model: TOOD, bf16: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.bf16 = model, bf16
         levels = model.head_in_features
         self.output_names = [f"scores_{f}" for f in levels] + [f"boxes_{f}" for f in levels]
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         model = self.model
-        features = model.backbone(((image - model.pixel_mean) / model.pixel_std)[None])
-        scores, boxes = model.level_predictions(model.head([features[f] for f in model.head_in_features]))
+        with inference_autocast(self.bf16):
+            features = model.backbone(((image - model.pixel_mean) / model.pixel_std)[None])
+            scores, boxes = model.level_predictions(model.head([features[f] for f in model.head_in_features]))
         return tuple(x[0] for x in scores + boxes)
 
 
@@ -169,7 +186,19 @@ def postprocess(
     return detector_postprocess(result, *(output_size or image_size))
 
 
-def export_model(model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic: bool = True) -> str:
+def choose_export_precision(fmt: str, precision: Optional[str], amp: Optional[bool] = None) -> Tuple[bool, str]:
+    """Whether to export ``fmt`` in bfloat16 autocast, and why, in words: as
+    :func:`~tood.precision.choose_inference_precision` on CPU, except that the formats of :data:`FLOAT32_ONLY` are
+    float32 unless ``precision`` asks for "bf16" (which :func:`export_model` refuses)."""
+    bf16, why = choose_inference_precision(precision, amp, "cpu")
+    if fmt in FLOAT32_ONLY and bf16 and precision != "bf16":
+        return False, f"float32: {fmt} is exported in float32 only ({FLOAT32_ONLY[fmt]}), instead of {why}"
+    return bf16, why
+
+
+def export_model(
+    model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic: bool = True, bf16: bool = False
+) -> str:
     """Exports ``model`` (put in eval mode) with ``torch.export`` on ``image`` and writes it with its metadata into
     ``output_dir``.
 
@@ -178,15 +207,18 @@ def export_model(model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic:
         fmt: one of :data:`FORMATS`.
         dynamic: accept any padded size from :func:`min_input_size` to :data:`MAX_INPUT_SIZE` rather than the
             example's.
+        bf16: compute in bfloat16 autocast (``pt2`` only, see :data:`FLOAT32_ONLY`).
 
     Returns:
         Path of the model file, ``output_dir/`` + ``FORMATS[fmt]``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    if bf16 and fmt in FLOAT32_ONLY:
+        raise ValueError(f"{fmt} is exported in float32 only: {FLOAT32_ONLY[fmt]}. Export pt2 for bfloat16.")
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, FORMATS[fmt])
-    wrapper = TOODExportWrapper(model).eval()
+    wrapper = TOODExportWrapper(model, bf16).eval()
     div = max(model.backbone.size_divisibility, 1)
     example = pad_image(image, div, model.pixel_mean.flatten().tolist())
     dynamic_shapes = None
@@ -216,6 +248,7 @@ def export_model(model: TOOD, image: Tensor, output_dir: str, fmt: str, dynamic:
     metadata = {
         "format": fmt,
         "opset": ONNX_OPSET if fmt == "onnx" else None,
+        "precision": "bf16" if bf16 else "fp32",
         # Padded input: None for any size from min_input_size to MAX_INPUT_SIZE.
         "input_size": None if dynamic else list(example.shape[-2:]),
         "min_input_size": min_input_size(model) if dynamic else None,
@@ -235,6 +268,8 @@ class ExportedTOOD:
     """A folder written by :func:`export_model`, run by PyTorch, ONNX Runtime or AOTInductor, then
     :func:`postprocess`.
 
+    It computes in the precision it was exported in (:attr:`bf16`; a folder without that record is float32).
+
     Example::
 
         detector = ExportedTOOD("output/export", num_threads=4)
@@ -253,6 +288,7 @@ class ExportedTOOD:
         with open(os.path.join(output_dir, METADATA_FILE)) as f:
             self.metadata = json.load(f)
         self.format = self.metadata["format"]
+        self.bf16 = self.metadata.get("precision") == "bf16"
         self.params = PostprocessParams(**self.metadata["postprocess"])
         path = os.path.join(output_dir, FORMATS[self.format])
         if self.format == "onnx":
@@ -350,10 +386,11 @@ def verification_images(cfg, input_format: str, paths: Sequence[str]) -> List[Tu
 
 
 def verify_export(model: TOOD, exported: ExportedTOOD, images: Sequence[Tuple[str, Tensor]]) -> bool:
-    """Whether the exported model's detections equal the PyTorch model's on each of ``images`` ((path, (3, H, W)),
-    sizes the exported model does not take skipped): same count and classes, boxes within :data:`BOX_TOLERANCE_PX`,
-    scores within :data:`SCORE_TOLERANCE`. Logs the deviations of each image, and of the dense outputs."""
-    wrapper = TOODExportWrapper(model)
+    """Whether the exported model's detections equal the PyTorch model's, in the exported model's precision, on each
+    of ``images`` ((path, (3, H, W)), sizes the exported model does not take skipped): same count and classes, boxes
+    within :data:`BOX_TOLERANCE_PX`, scores within :data:`SCORE_TOLERANCE`. Logs the deviations of each image, and of
+    the dense outputs."""
+    wrapper = TOODExportWrapper(model, exported.bf16)
     ok = True
     for path, image in images:
         try:
@@ -361,8 +398,9 @@ def verify_export(model: TOOD, exported: ExportedTOOD, images: Sequence[Tuple[st
         except ValueError as e:
             logger.info(f"{path}: skipped, {e}")
             continue
-        with torch.no_grad():
+        with torch.no_grad(), inference_autocast(exported.bf16):
             reference = model([{"image": image}])[0]["instances"]
+        with torch.no_grad():
             dense_reference = wrapper(padded)
         dense = exported.run(image)
         num_levels = len(dense) // 2
@@ -389,7 +427,7 @@ class ExportResult:
     export_seconds: float  # wall time of export_model
     ok: bool  # whether the exported model's detections equal the PyTorch model's on every image
     model: TOOD  # the PyTorch model, in eval mode
-    exported: "ExportedTOOD"
+    exported: "ExportedTOOD"  # computes in bfloat16 where exported.bf16, as the PyTorch model must to compare
     images: List[Tuple[str, Tensor]]  # the verification images, (path, (3, H, W) input), the first one exported on
 
 
@@ -401,18 +439,25 @@ def export_and_verify(
     weights: Optional[str] = None,
     dynamic: bool = True,
     num_threads: Optional[int] = None,
+    precision: Optional[str] = None,
 ) -> ExportResult:
     """Exports the model of the LazyConfig ``cfg`` (:func:`build_model`) on the first of ``image_paths`` (read and
     resized by :func:`verification_images`) and verifies it on all of them (:func:`verify_export`), the exported
     model running on ``num_threads`` CPU threads (default: torch's).
+
+    Args:
+        precision: "auto", "fp32" or "bf16"; None: as the config trains (:func:`choose_export_precision`). Said in
+            the log.
     """
     if num_threads:
         torch.set_num_threads(num_threads)
+    bf16, why = choose_export_precision(fmt, precision, cfg.train.amp.get("enabled"))
+    logger.info(f"Precision: {why}")
     model = build_model(cfg, weights)
     images = verification_images(cfg, model.input_format, image_paths)
 
     start = time.perf_counter()
-    path = export_model(model, images[0][1], output_dir, fmt, dynamic=dynamic)
+    path = export_model(model, images[0][1], output_dir, fmt, dynamic=dynamic, bf16=bf16)
     seconds = time.perf_counter() - start
     logger.info(f"Exported {fmt} to {path} in {seconds:.1f}s")
 

@@ -5,8 +5,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 
 from ..data.checks import register_checked_coco
+from ..precision import PRECISIONS
 
-__all__ = ["add_register_coco_argument", "argument_parser", "register_coco_datasets"]
+__all__ = ["add_precision_argument", "add_register_coco_argument", "argument_parser", "register_coco_datasets"]
 
 
 def register_coco_datasets(specs):
@@ -31,10 +32,23 @@ def add_register_coco_argument(parser, help="register a COCO-format dataset unde
     )
 
 
+def add_precision_argument(parser, default_help="as training: train.amp.enabled, chosen by the CPU where it is None"):
+    """``--precision auto|fp32|bf16``, the precision of inference (:func:`tood.precision.choose_inference_precision`);
+    None when not given."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="inference precision: auto (bfloat16 autocast on a CPU with bfloat16 units, float32 elsewhere), fp32 or "
+        f"bf16 (default: {default_help})",
+    )
+
+
 def argument_parser(epilog=None):
-    """Detectron2's ``default_argument_parser`` plus ``--register-coco`` and ``--dist-timeout``."""
+    """Detectron2's ``default_argument_parser`` plus ``--register-coco``, ``--precision`` (of evaluation) and
+    ``--dist-timeout``."""
     parser = default_argument_parser(epilog=epilog)
     add_register_coco_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument(
         "--dist-timeout",
         type=float,

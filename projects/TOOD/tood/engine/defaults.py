@@ -24,6 +24,7 @@ from ..checkpoint import load_trained_model, load_weights
 from ..compat import has_compiled_ops
 from ..config import add_tood_config
 from ..data.checks import CheckedDatasetMapper, check_registered, get_checked_dataset_dicts
+from ..precision import choose_inference_precision, inference_autocast
 from ..transforms import with_reference_resize
 from .arguments import register_coco_datasets
 from .config_checks import check_override_keys
@@ -119,6 +120,17 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR, use_fast_impl=has_compiled_ops())
 
+    # The precision of evaluation ("auto", "fp32", "bf16"; None as training), set from --precision by main_yaml.
+    precision = None
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """``DefaultTrainer.test`` in :attr:`precision` (:func:`tood.precision.choose_inference_precision`)."""
+        bf16, why = choose_inference_precision(cls.precision, cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
+        logging.getLogger("detectron2").info(f"Evaluation precision: {why}")
+        with inference_autocast(bf16, cfg.MODEL.DEVICE):
+            return super().test(cfg, model, evaluators)
+
 
 def setup_yaml(args):
     """The frozen yacs config of ``args.config_file`` with the ``KEY VALUE`` overrides of ``args.opts``, the
@@ -152,6 +164,7 @@ def main_yaml(args):
         dict: the evaluation results with ``--eval-only``; otherwise what ``DefaultTrainer.train`` returns.
     """
     cfg = setup_yaml(args)
+    Trainer.precision = args.precision
     if not args.eval_only:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)

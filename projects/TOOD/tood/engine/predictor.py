@@ -6,7 +6,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 
 from ..checkpoint import load_trained_model
-from .train_loop import inference_autocast
+from ..precision import choose_inference_precision, inference_autocast
 
 __all__ = ["LazyPredictor", "dataset_metadata"]
 
@@ -25,10 +25,14 @@ class LazyPredictor:
 
     As Detectron2's ``DefaultPredictor`` (which takes a YAML config): the image is converted to the model's input
     format and resized by the test loader's augmentations; predictions come back in the given image's coordinates.
-    On CPU it predicts in the precision ``train.amp.enabled`` gives training (bfloat16 autocast where chosen).
+
+    Args:
+        precision: "auto" (bfloat16 autocast on a CPU with bfloat16 units, float32 elsewhere), "fp32" or "bf16";
+            None: on CPU the precision ``train.amp.enabled`` gives training, float32 on CUDA
+            (:func:`~tood.precision.choose_inference_precision`). :attr:`precision` says which, and why.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, precision=None):
         if not cfg.train.init_checkpoint:
             raise ValueError("No weights: set train.init_checkpoint=/path/to/model.pth")
         self.model = instantiate(cfg.model).to(cfg.train.device).eval()
@@ -36,7 +40,8 @@ class LazyPredictor:
         self.augmentations = T.AugmentationList(list(instantiate(cfg.dataloader.test.mapper.augmentations)))
         self.input_format = cfg.dataloader.test.mapper.image_format
         self.metadata = dataset_metadata(cfg.dataloader.test.dataset.names)
-        self.amp, self.device = cfg.train.amp.get("enabled"), cfg.train.device
+        self.device = cfg.train.device
+        self.bf16, self.precision = choose_inference_precision(precision, cfg.train.amp.get("enabled"), self.device)
 
     @torch.no_grad()
     def __call__(self, image_bgr):
@@ -46,5 +51,5 @@ class LazyPredictor:
         self.augmentations(aug_input)
         tensor = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
         inputs = {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
-        with inference_autocast(self.amp, self.device):
+        with inference_autocast(self.bf16, self.device):
             return self.model([inputs])[0]["instances"].to("cpu")

@@ -3,7 +3,7 @@
 :func:`tood.engine.do_train`; YAML: :class:`tood.engine.Trainer`) run these."""
 
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -15,9 +15,6 @@ from detectron2.utils.events import get_event_storage
 from ..checkpoint import TOODCheckpointer
 
 __all__ = [
-    "choose_precision",
-    "cpu_bfloat16_units",
-    "inference_autocast",
     "CheckedAMPTrainer",
     "CheckedSimpleTrainer",
     "add_gradient_clipping",
@@ -116,48 +113,6 @@ class CheckedAMPTrainer(FiniteLossCheck, AMPTrainer):
             super().load_state_dict(state_dict)
         else:
             SimpleTrainer.load_state_dict(self, state_dict)
-
-
-def cpu_bfloat16_units() -> Tuple[str, ...]:
-    """The bfloat16 units of this CPU that PyTorch's oneDNN kernels use: "AVX512-BF16" and / or "AMX"; () if none.
-
-    Read from PyTorch itself (``torch.cpu``'s feature probes, and oneDNN's bfloat16 support). Where these exist,
-    bfloat16 autocast trains about twice as fast as float32 (the quick start: 1.75x on an AVX512-BF16 CPU); without
-    them oneDNN emulates bfloat16, and autocast is several times slower than float32 (9.5x measured on an AVX2 CPU).
-    """
-    units = tuple(
-        name
-        for name, probe in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
-        if getattr(torch.cpu, probe, lambda: False)()
-    )
-    return units if units and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
-
-
-def choose_precision(amp: Optional[bool], device="cpu") -> Tuple[bool, str]:
-    """Whether to train with mixed precision, and why, in words.
-
-    Args:
-        amp: ``train.amp.enabled``: True or False is used as it is; None chooses: on CPU bfloat16 autocast where
-            the CPU has bfloat16 units (:func:`cpu_bfloat16_units`), float32 elsewhere; float32 on CUDA.
-    """
-    cpu = torch.device(device).type == "cpu"
-    mixed = "bfloat16 autocast" if cpu else "float16 autocast with loss scaling"
-    if amp is not None:
-        return bool(amp), f"{mixed if amp else 'float32'}: train.amp.enabled={bool(amp)}"
-    if not cpu:
-        return False, "float32: train.amp.enabled is open (None), and only a CPU's precision is chosen by its units"
-    units = cpu_bfloat16_units()
-    if units:
-        return True, f"{mixed}: this CPU has {' and '.join(units)} (train.amp.enabled=False for float32)"
-    capability = torch.backends.cpu.get_cpu_capability()
-    return False, f"float32: no bfloat16 units on this CPU ({capability}; train.amp.enabled=True forces bfloat16)"
-
-
-def inference_autocast(amp: Optional[bool], device="cpu"):
-    """The autocast context for inference in the precision that :func:`choose_precision` gives training: bfloat16
-    on a CPU where it is chosen; none otherwise (inference on CUDA stays float32, as Detectron2's)."""
-    enabled = torch.device(device).type == "cpu" and choose_precision(amp, device)[0]
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def build_trainer(

@@ -5,8 +5,8 @@ Config keys beyond Detectron2's ``common/train.py`` (configs/common/train.py):
 
 * ``train.amp.enabled``: mixed precision (:class:`~tood.engine.train_loop.CheckedAMPTrainer`): on CUDA fp16 + loss
   scaling, as Detectron2's AMPTrainer, on CPU bfloat16 autocast; None chooses by the CPU
-  (:func:`~tood.engine.train_loop.choose_precision`: bfloat16 where it has bfloat16 units, float32 elsewhere), for
-  training and, on CPU, for evaluation.
+  (:func:`~tood.precision.choose_precision`: bfloat16 where it has bfloat16 units, float32 elsewhere), for
+  training and, on CPU, for evaluation unless ``--precision`` says otherwise.
 * ``train.clip_grad``: ``enabled``, ``max_norm``, ``norm_type``: clip the global gradient norm before each step
   and log it as ``grad_norm``.
 * ``train.device``: "cuda" or "cpu". Without CUDA, ``--num-gpus N`` starts N CPU processes (DDP over gloo).
@@ -31,6 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import last_checkpoint, load_trained_model, load_weights, saved_iteration
+from ..precision import choose_inference_precision, choose_precision, inference_autocast
 from .arguments import register_coco_datasets
 from .config_checks import (
     check_num_classes,
@@ -41,7 +42,7 @@ from .config_checks import (
     set_epoch_length,
     use_available_coco_eval,
 )
-from .train_loop import add_gradient_clipping, build_trainer, choose_precision, inference_autocast
+from .train_loop import add_gradient_clipping, build_trainer
 
 __all__ = [
     "do_test",
@@ -113,13 +114,20 @@ def setup(args, configure=None):
     return cfg
 
 
-def do_test(cfg, model):
-    """Evaluates ``model`` with ``dataloader.evaluator`` on ``dataloader.test``; {} without an evaluator."""
+def do_test(cfg, model, precision=None):
+    """Evaluates ``model`` with ``dataloader.evaluator`` on ``dataloader.test``; {} without an evaluator.
+
+    Args:
+        precision: "auto", "fp32" or "bf16" (``--precision``); None: as training chose
+            (:func:`~tood.precision.choose_inference_precision`).
+    """
     if "evaluator" not in cfg.dataloader:
         return {}
     # The loader first: a generated dataset writes the json the evaluator reads when it is first loaded.
     data_loader = instantiate(cfg.dataloader.test)
-    with inference_autocast(cfg.train.amp.get("enabled"), cfg.train.device):
+    bf16, why = choose_inference_precision(precision, cfg.train.amp.get("enabled"), cfg.train.device)
+    logger.info(f"Evaluation precision: {why}")
+    with inference_autocast(bf16, cfg.train.device):
         results = inference_on_dataset(model, data_loader, instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     return results
@@ -177,7 +185,7 @@ def do_train(args, cfg, extra_hooks=()):
 
     def evaluate():
         last_results.clear()
-        last_results.update(do_test(cfg, model))
+        last_results.update(do_test(cfg, model, args.precision))
         return last_results
 
     trainer.register_hooks(
@@ -206,4 +214,4 @@ def evaluate_checkpoint(args, cfg):
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     load_trained_model(model, cfg.train.init_checkpoint, save_dir=cfg.train.output_dir, resume=args.resume)
-    return do_test(cfg, model)
+    return do_test(cfg, model, args.precision)
