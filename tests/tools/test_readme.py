@@ -130,11 +130,11 @@ COVERAGE = {
         "tests/tools/test_demo.py::test_class_names_of_a_registered_coco_dataset",
     ],
     "tools/export_model.py [.py] --config-file --output --weights": [
-        "tests/conversion/test_export.py::test_export_and_verify[onnx]",
+        "tests/conversion/test_export.py::test_export_and_verify[onnx-fp32]",
         "tests/conversion/test_export.py::test_r50_anchor_free_matches_pytorch[onnx]",
     ],
     "tools/export_model.py [.py] --config-file --format --output --sample-image --weights": [
-        "tests/conversion/test_export.py::test_export_and_verify[pt2]",
+        "tests/conversion/test_export.py::test_export_and_verify[pt2-fp32]",
         "tests/conversion/test_export.py::test_r50_anchor_free_matches_pytorch[pt2]",
     ],
 }

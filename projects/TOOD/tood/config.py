@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 
 def add_tood_config(cfg: CN) -> None:
-    """Adds ``MODEL.TOOD`` to a Detectron2 config (in place), with the reference's values.
+    """Adds ``MODEL.TOOD`` to a Detectron2 config (in place), with the reference's values, and ``TEST.PRECISION``.
 
     Names follow ``MODEL.RETINANET``'s where it has the same option; the maximum number of detections is
     Detectron2's ``TEST.DETECTIONS_PER_IMAGE``. Call it before merging a TOOD YAML file:
@@ -52,6 +52,10 @@ def add_tood_config(cfg: CN) -> None:
     _C.SCORE_THRESH_TEST = 0.05
     _C.TOPK_CANDIDATES_TEST = 1000
     _C.NMS_THRESH_TEST = 0.6
+
+    # Precision of evaluation on CPU (tood.precision.choose_inference_precision): "auto", "fp32", "bf16"; "" as
+    # training (SOLVER.AMP.ENABLED). tools/train_net.py's --precision sets it.
+    cfg.TEST.PRECISION = ""
 
 
 def schedule_fraction(total_iters, numerator, denominator) -> int:

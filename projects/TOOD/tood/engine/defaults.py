@@ -120,22 +120,20 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR, use_fast_impl=has_compiled_ops())
 
-    # The precision of evaluation ("auto", "fp32", "bf16"; None as training), set from --precision by main_yaml.
-    precision = None
-
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """``DefaultTrainer.test`` in :attr:`precision` (:func:`tood.precision.choose_inference_precision`)."""
-        bf16, why = choose_inference_precision(cls.precision, cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
+        """``DefaultTrainer.test`` in the precision of ``TEST.PRECISION``
+        (:func:`tood.precision.choose_inference_precision`)."""
+        bf16, why = choose_inference_precision(cfg.TEST.PRECISION or None, cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
         logging.getLogger("detectron2").info(f"Evaluation precision: {why}")
         with inference_autocast(bf16, cfg.MODEL.DEVICE):
             return super().test(cfg, model, evaluators)
 
 
 def setup_yaml(args):
-    """The frozen yacs config of ``args.config_file`` with the ``KEY VALUE`` overrides of ``args.opts``, the
-    ``--register-coco`` datasets registered first; then Detectron2's ``default_setup`` (logging, seed, the config
-    saved with the run)."""
+    """The frozen yacs config of ``args.config_file`` with the ``KEY VALUE`` overrides of ``args.opts`` and
+    ``--precision`` (``TEST.PRECISION``), the ``--register-coco`` datasets registered first; then Detectron2's
+    ``default_setup`` (logging, seed, the config saved with the run)."""
     register_coco_datasets(args.register_coco)
     cfg = get_cfg()
     add_tood_config(cfg)
@@ -144,6 +142,8 @@ def setup_yaml(args):
     cfg.merge_from_file(args.config_file)
     check_override_keys(cfg, args.opts)
     cfg.merge_from_list(args.opts)
+    if args.precision:
+        cfg.TEST.PRECISION = args.precision
     cfg.freeze()
     check_registered(cfg.DATASETS.TEST, "DATASETS.TEST")
     if not args.eval_only:
@@ -164,7 +164,6 @@ def main_yaml(args):
         dict: the evaluation results with ``--eval-only``; otherwise what ``DefaultTrainer.train`` returns.
     """
     cfg = setup_yaml(args)
-    Trainer.precision = args.precision
     if not args.eval_only:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
