@@ -229,3 +229,12 @@ def test_eval_only_evaluates_in_the_chosen_precision(
         "bfloat16 autocast: this CPU has AVX512-BF16" if bf16 else "float32: as training, train.amp.enabled=False",
     )
     assert f"Evaluation precision: {expected}" in (output / "log.txt").read_text()
+
+
+def test_an_unknown_yaml_precision_is_an_error_before_anything_runs(tiny_shapes, tmp_path):
+    reregister_coco("prec_tiny_yaml", tiny_shapes / "annotations.json", tiny_shapes / "images")
+    opts = tiny_yaml_overrides("prec_tiny_yaml", tmp_path, **{"TEST.PRECISION": "fp16"})
+    args = ["--config-file", str(REPO_ROOT / "configs" / "COCO-Detection" / "tood_R_50_FPN_1x.yaml"), *opts]
+    with pytest.raises(ValueError, match="TEST.PRECISION must be one of auto, fp32, bf16, or '' .*got 'fp16'"):
+        main(argument_parser().parse_args(args))
+    assert not (tmp_path / "log.txt").exists()

@@ -24,7 +24,7 @@ from ..checkpoint import load_trained_model, load_weights
 from ..compat import has_compiled_ops
 from ..config import add_tood_config
 from ..data.checks import CheckedDatasetMapper, check_registered, get_checked_dataset_dicts
-from ..precision import choose_inference_precision, inference_autocast
+from ..precision import PRECISIONS, choose_inference_precision, inference_autocast
 from ..transforms import with_reference_resize
 from .arguments import register_coco_datasets
 from .config_checks import check_override_keys
@@ -144,6 +144,11 @@ def setup_yaml(args):
     cfg.merge_from_list(args.opts)
     if args.precision:
         cfg.TEST.PRECISION = args.precision
+    if cfg.TEST.PRECISION not in ("", *PRECISIONS):
+        raise ValueError(
+            f"TEST.PRECISION must be one of {', '.join(PRECISIONS)}, or '' for the training precision; "
+            f"got {cfg.TEST.PRECISION!r}"
+        )
     cfg.freeze()
     check_registered(cfg.DATASETS.TEST, "DATASETS.TEST")
     if not args.eval_only:
