@@ -1,14 +1,19 @@
 """Inference of one image in several precisions and runtimes, side by side: latency, and how far each one's detections
 are from float32 PyTorch's (``tools/benchmark_inference.py``)."""
 
-from typing import Callable, Dict, List
+import os
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from detectron2.structures import Instances, pairwise_iou
+from torch import Tensor
+
+from tood.export import ExportedTOOD
+from tood.precision import inference_autocast
 
 from .timing import median_times
 
-__all__ = ["detection_changes", "inference_table"]
+__all__ = ["detection_changes", "inference_runners", "inference_table", "markdown_table"]
 
 
 def detection_changes(reference: Instances, other: Instances, iou: float = 0.5) -> Dict[str, float]:
@@ -81,3 +86,40 @@ def inference_table(runners: Dict[str, Callable[[], Instances]], iters: int, war
         }
         for name in runners
     ]
+
+
+def inference_runners(model, image: Tensor, exported_dirs: Sequence[str] = ()) -> Dict[str, Callable[[], Instances]]:
+    """name -> a call predicting ``image`` ((3, H, W), resized for the model): the PyTorch ``model`` in float32 and in
+    bfloat16 autocast, then the exported model of each of ``exported_dirs`` (in its own precision)."""
+
+    def pytorch(bf16):
+        def run():
+            with inference_autocast(bf16):
+                return model([{"image": image}])[0]["instances"]
+
+        return run
+
+    runners = {"PyTorch, float32": pytorch(False), "PyTorch, bfloat16 autocast": pytorch(True)}
+    for folder in exported_dirs:
+        exported = ExportedTOOD(folder, num_threads=torch.get_num_threads())
+        name = f"{exported.format} ({os.path.basename(os.path.normpath(folder))}), "
+        runners[name + ("bfloat16 autocast" if exported.bf16 else "float32")] = lambda exported=exported: exported(
+            image
+        )
+    return runners
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """The rows of :func:`inference_table` as a markdown table."""
+    lines = [
+        "| runner | ms | speed-up | detections | lost (top score) | new (top score) | box max / median px | "
+        "score max / median |",
+        "|---|---:|---:|---:|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['ms']:.0f} | {r['speedup']:.2f}x | {r['other']} "
+            f"| {r['lost']} ({r['lost_max_score']:.3f}) | {r['new']} ({r['new_max_score']:.3f}) "
+            f"| {r['box_max']:.3g} / {r['box_median']:.3g} | {r['score_max']:.3g} / {r['score_median']:.3g} |"
+        )
+    return "\n".join(lines)

@@ -17,15 +17,13 @@ Examples::
 """
 
 import argparse
-import os
 
 import torch
 from detectron2.config import LazyConfig
 
 import tood  # noqa: F401  registers TOOD's config resolvers
-from benchmarks.inference import inference_table
-from tood.export import ExportedTOOD, build_model, verification_images
-from tood.precision import inference_autocast
+from benchmarks.inference import inference_runners, inference_table, markdown_table
+from tood.export import build_model, verification_images
 
 
 def argument_parser():
@@ -52,39 +50,12 @@ def main(args):
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     model = build_model(cfg, args.weights)
     image = verification_images(cfg, model.input_format, [args.image])[0][1]
-
-    def pytorch(bf16):
-        def run():
-            with inference_autocast(bf16):
-                return model([{"image": image}])[0]["instances"]
-
-        return run
-
-    runners = {"PyTorch, float32": pytorch(False), "PyTorch, bfloat16 autocast": pytorch(True)}
-    for folder in args.exported:
-        exported = ExportedTOOD(folder, num_threads=torch.get_num_threads())
-        name = f"{exported.format} ({os.path.basename(os.path.normpath(folder))}), "
-        runners[name + ("bfloat16 autocast" if exported.bf16 else "float32")] = lambda exported=exported: exported(
-            image
-        )
-    rows = inference_table(runners, args.runs, args.warmup)
-
+    rows = inference_table(inference_runners(model, image, args.exported), args.runs, args.warmup)
     print(
         f"{image.shape[1]}x{image.shape[2]} input, {torch.get_num_threads()} threads, median of {args.runs} runs; "
         "detections compared with PyTorch float32's\n"
     )
-    print(
-        "| runner | ms | speed-up | detections | lost (top score) | new (top score) | box max / median px | "
-        "score max / median |"
-    )
-    print("|---|---:|---:|---:|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['name']} | {r['ms']:.0f} | {r['speedup']:.2f}x | {r['other']} "
-            f"| {r['lost']} ({r['lost_max_score']:.3f}) | {r['new']} ({r['new_max_score']:.3f}) "
-            f"| {r['box_max']:.3g} / {r['box_median']:.3g} "
-            f"| {r['score_max']:.3g} / {r['score_median']:.3g} |"
-        )
+    print(markdown_table(rows))
     return rows
 
 
